@@ -1,0 +1,21 @@
+"""Client library of the distributed KV-cache store."""
+
+from .client import Client
+from .errors import Corrupt, InvalidArgument, KVCacheError, NotFound, QuotaExceeded, Unavailable
+from .keys import block_keys, namespace, record_key, tail_key
+from .ring import HashRing
+
+__all__ = [
+    "Client",
+    "Corrupt",
+    "HashRing",
+    "InvalidArgument",
+    "KVCacheError",
+    "NotFound",
+    "QuotaExceeded",
+    "Unavailable",
+    "block_keys",
+    "namespace",
+    "record_key",
+    "tail_key",
+]

@@ -1,0 +1,205 @@
+"""The cluster client inference services link: routing, replication, fallback, deadlines.
+
+Reads go to the first healthy replica and fall back to the next on UNAVAILABLE, deadline,
+checksum failure or a miss (a replica may have been down when the record was written). Writes go
+to `replication` distinct owners in parallel and succeed when `write_quorum` of them acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import KVCacheError, Unavailable
+from .node import Credentials, NodeConnection
+from .ring import DEFAULT_VNODES, HashRing
+
+log = logging.getLogger(__name__)
+
+DOWN_SECONDS = 1.0  # after a node fails, try it last for this long
+
+
+class Client:
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        replication: int = 2,
+        timeout: float = 10.0,
+        *,
+        write_quorum: int = 1,
+        vnodes: int = DEFAULT_VNODES,
+        token: str | None = None,
+        tls_ca: bytes | str | None = None,
+        stream_timeout: float = 120.0,
+    ) -> None:
+        if isinstance(nodes, str):
+            nodes = [n.strip() for n in nodes.split(",") if n.strip()]
+        if replication < 1:
+            raise ValueError("replication must be >= 1")
+        if isinstance(tls_ca, str):
+            with open(tls_ca, "rb") as f:
+                tls_ca = f.read()
+        self.ring = HashRing(nodes, vnodes)
+        self.replication = min(replication, len(self.ring.nodes))
+        self.write_quorum = min(write_quorum, self.replication)
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._creds = Credentials(token=token, tls_ca=tls_ca)
+        self._conns: dict[str, NodeConnection] = {}
+        self._down_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.ring.nodes)), thread_name_prefix="kvclient")
+
+    # ---- plumbing -------------------------------------------------------------------------
+    def conn(self, node: str) -> NodeConnection:
+        with self._lock:
+            if node not in self._conns:
+                self._conns[node] = NodeConnection(node, self._creds)
+            return self._conns[node]
+
+    def _mark_down(self, node: str) -> None:
+        self._down_until[node] = time.monotonic() + DOWN_SECONDS
+
+    def replicas(self, key: bytes) -> list[str]:
+        """Owners of a key, healthy ones first (stable order otherwise)."""
+        owners = self.ring.owners(key, self.replication)
+        now = time.monotonic()
+        return sorted(owners, key=lambda n: self._down_until.get(n, 0.0) > now)
+
+    def _fan_out(self, work: dict[str, list[int]], call) -> dict[str, object]:
+        """Run call(node, indices) per node in parallel; a failure is returned, not raised."""
+        futures = {node: self._pool.submit(call, node, idx) for node, idx in work.items()}
+        results: dict[str, object] = {}
+        for node, fut in futures.items():
+            try:
+                results[node] = fut.result()
+            except KVCacheError as exc:
+                if isinstance(exc, Unavailable):
+                    self._mark_down(node)
+                log.debug("node %s failed: %s", node, exc)
+                results[node] = exc
+        return results
+
+    def _by_rank(self, keys: Sequence[bytes], pending: Iterable[int], rank: int) -> dict[str, list[int]]:
+        work: dict[str, list[int]] = defaultdict(list)
+        for i in pending:
+            owners = self.replicas(keys[i])
+            if rank < len(owners):
+                work[owners[rank]].append(i)
+        return work
+
+    # ---- writes -------------------------------------------------------------------------
+    def put(self, key: bytes, value: bytes | memoryview) -> None:
+        self.put_many([(key, value)])
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
+        """Write each record to its replicas. The records one node receives commit atomically."""
+        items = list(items)
+        work: dict[str, list[int]] = defaultdict(list)
+        for i, (key, _) in enumerate(items):
+            for node in self.ring.owners(key, self.replication):
+                work[node].append(i)
+        size = sum(len(v) for _, v in items)
+        timeout = self.timeout + size / 50e6  # allow 50 MB/s beyond the base deadline
+
+        def send(node: str, idx: list[int]) -> None:
+            self.conn(node).put([items[i] for i in idx], timeout)
+
+        acks = [0] * len(items)
+        errors = []
+        for node, outcome in self._fan_out(work, send).items():
+            if isinstance(outcome, KVCacheError):
+                errors.append(outcome)
+                continue
+            for i in work[node]:
+                acks[i] += 1
+        short = sum(1 for a in acks if a < self.write_quorum)
+        if short:
+            first = errors[0] if errors else Unavailable("no replica acknowledged")
+            raise type(first)(f"{short} of {len(items)} records below write quorum: {first}")
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        keys = list(keys)
+        work: dict[str, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            for node in self.ring.owners(key, self.replication):
+                work[node].append(i)
+        outcomes = self._fan_out(work, lambda n, idx: self.conn(n).delete([keys[i] for i in idx], self.timeout))
+        return sum(o for o in outcomes.values() if isinstance(o, int))
+
+    # ---- reads --------------------------------------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Values in key order (None for a miss on every replica)."""
+        keys = list(keys)
+        results: list[bytes | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        unreachable = 0
+        for rank in range(self.replication):
+            if not pending:
+                break
+            work = self._by_rank(keys, pending, rank)
+
+            def fetch(node: str, idx: list[int]) -> list[int]:
+                found = []
+                for j, value, _corrupt in self.conn(node).get([keys[i] for i in idx], self.stream_timeout):
+                    if value is not None:
+                        results[idx[j]] = value
+                        found.append(idx[j])
+                return found
+
+            outcomes = self._fan_out(work, fetch)
+            unreachable = sum(len(work[n]) for n, o in outcomes.items() if isinstance(o, KVCacheError))
+            pending = [i for i in pending if results[i] is None]
+        if pending and unreachable == len(pending):
+            raise Unavailable(f"{len(pending)} keys: no replica reachable")
+        return results
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        keys = list(keys)
+        present = [False] * len(keys)
+        pending = list(range(len(keys)))
+        for rank in range(self.replication):
+            if not pending:
+                break
+            work = self._by_rank(keys, pending, rank)
+            outcomes = self._fan_out(work, lambda n, idx: self.conn(n).lookup([keys[i] for i in idx], self.timeout))
+            for node, outcome in outcomes.items():
+                if not isinstance(outcome, KVCacheError):
+                    for i, p in zip(work[node], outcome):
+                        present[i] = present[i] or p
+            pending = [i for i in pending if not present[i]]
+        return present
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Length of the longest prefix of `keys` that is stored (the cached prefix)."""
+        present = self.exists(keys)
+        return next((i for i, p in enumerate(present) if not p), len(present))
+
+    def stat(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for node in self.ring.nodes:
+            try:
+                reply = self.conn(node).stat(self.timeout)
+                out[node] = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+            except KVCacheError as exc:
+                out[node] = {"error": str(exc)}
+        return out
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for conn in self._conns.values():
+            conn.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,54 @@
+"""In-process store with the Client interface: LMDB in this process, no network (benchmarks, tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import record
+from .errors import Corrupt
+
+
+class LocalStore:
+    def __init__(self, path: str, map_size_gb: float = 8.0, sync: bool = False) -> None:
+        from kvstore.storage import Storage  # the node's own storage engine, used in-process
+
+        self.storage = Storage(path, int(map_size_gb * (1 << 30)), sync=sync)
+
+    def put(self, key: bytes, value: bytes | memoryview) -> None:
+        self.put_many([(key, value)])
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
+        from kvstore.storage import IncomingRecord
+
+        self.storage.put_batch(IncomingRecord(k, record.checksum(v), bytes(v)) for k, v in items)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append(self.storage.get(key))
+            except Corrupt:
+                out.append(None)
+        return out
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return self.storage.exists(list(keys))
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        present = self.exists(keys)
+        return next((i for i, p in enumerate(present) if not p), len(present))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return self.storage.delete(keys)
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __enter__(self) -> "LocalStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,104 @@
+"""One node's connection: typed calls over a gRPC channel, errors translated to the library's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from . import record
+from .errors import from_rpc_error
+from .pb import SERVICE_NAME, kvcache_pb2 as pb
+
+CHUNK_BYTES = 1 << 20
+MESSAGE_LIMIT = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.enable_retries", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    token: str | None = None
+    tls_ca: bytes | None = None
+
+
+def _chunks(key: bytes, value: bytes | memoryview) -> Iterator[pb.PutRequest]:
+    view = memoryview(value).cast("B")
+    first = bytes(view[:CHUNK_BYTES])
+    yield pb.PutRequest(key=key, size=len(view), checksum=record.checksum(view), data=first)
+    for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
+        yield pb.PutRequest(data=bytes(view[start : start + CHUNK_BYTES]))
+
+
+class NodeConnection:
+    """Calls to one node. Every call carries a deadline; failures raise KVCacheError subclasses."""
+
+    def __init__(self, address: str, creds: Credentials = Credentials()) -> None:
+        self.address = address
+        if creds.tls_ca is not None:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(creds.tls_ca), CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(address, CHANNEL_OPTIONS)
+        self.metadata = (("authorization", f"Bearer {creds.token}"),) if creds.token else None
+        ser = lambda m: m.SerializeToString()  # noqa: E731
+        path = f"/{SERVICE_NAME}/"
+        self._put = self.channel.stream_unary(path + "Put", ser, pb.PutResponse.FromString)
+        self._get = self.channel.unary_stream(path + "Get", ser, pb.GetResponse.FromString)
+        self._lookup = self.channel.unary_unary(path + "Lookup", ser, pb.LookupResponse.FromString)
+        self._delete = self.channel.unary_unary(path + "Delete", ser, pb.DeleteResponse.FromString)
+        self._stat = self.channel.unary_unary(path + "Stat", ser, pb.StatResponse.FromString)
+        self._local_info = self.channel.unary_unary(path + "LocalInfo", ser, pb.LocalInfoResponse.FromString)
+
+    def _call(self, fn, request, timeout: float):
+        try:
+            return fn(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+
+    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]], timeout: float) -> pb.PutResponse:
+        """Store records in one stream: one transaction on the node, all or nothing."""
+        requests = (msg for key, value in items for msg in _chunks(key, value))
+        return self._call(self._put, requests, timeout)
+
+    def get(self, keys: Sequence[bytes], timeout: float) -> Iterator[tuple[int, bytes | None, bool]]:
+        """Yield (index, value or None, corrupt) per key, in order, as each record completes."""
+        try:
+            stream = self._get(pb.GetRequest(keys=list(keys)), timeout=timeout, metadata=self.metadata)
+            parts: list[bytes] = []
+            head: pb.GetResponse | None = None
+            for msg in stream:
+                if msg.state != pb.RECORD_STATE_FOUND:
+                    yield msg.index, None, msg.state == pb.RECORD_STATE_CORRUPT
+                    continue
+                if head is None:
+                    head, parts = msg, []
+                parts.append(msg.data)
+                if msg.last:
+                    value = b"".join(parts)
+                    ok = len(value) == head.size and record.checksum(value) == head.checksum
+                    yield head.index, (value if ok else None), not ok
+                    head = None
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.address) from None
+
+    def lookup(self, keys: Sequence[bytes], timeout: float) -> list[bool]:
+        return list(self._call(self._lookup, pb.LookupRequest(keys=list(keys)), timeout).present)
+
+    def delete(self, keys: Sequence[bytes], timeout: float) -> int:
+        return self._call(self._delete, pb.DeleteRequest(keys=list(keys)), timeout).deleted
+
+    def stat(self, timeout: float) -> pb.StatResponse:
+        return self._call(self._stat, pb.StatRequest(), timeout)
+
+    def local_info(self, timeout: float) -> pb.LocalInfoResponse:
+        return self._call(self._local_info, pb.LocalInfoRequest(), timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+

@@ -1,0 +1,46 @@
+"""The kvcache.v1 protobuf messages and gRPC stubs, generated from ``proto/`` on first import."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_PROTO = _ROOT / "proto" / "kvcache" / "v1" / "kvcache.proto"
+_OUT = pathlib.Path(__file__).resolve().parent / "_pb" / "kvcache" / "v1"
+
+
+def generate() -> None:
+    """Run protoc over ``proto/`` into ``kvclient/_pb`` (imports rooted at ``kvclient._pb``)."""
+    from grpc_tools import protoc  # build-time dependency only
+    import grpc_tools
+
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    _OUT.mkdir(parents=True, exist_ok=True)
+    for pkg in (_OUT.parent, _OUT):
+        (pkg / "__init__.py").touch()
+    args = [
+        "protoc",
+        f"-I{include}",
+        f"-Ikvclient/_pb={_ROOT / 'proto'}",
+        f"--python_out={_ROOT}",
+        f"--grpc_python_out={_ROOT}",
+        f"--pyi_out={_ROOT}",
+        f"kvclient/_pb/kvcache/v1/kvcache.proto",
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed for {_PROTO}")
+
+
+def _stale() -> bool:
+    generated = _OUT / "kvcache_pb2.py"
+    return not generated.exists() or generated.stat().st_mtime < _PROTO.stat().st_mtime
+
+
+if _PROTO.exists() and _stale():
+    generate()
+
+kvcache_pb2 = importlib.import_module("kvclient._pb.kvcache.v1.kvcache_pb2")
+kvcache_pb2_grpc = importlib.import_module("kvclient._pb.kvcache.v1.kvcache_pb2_grpc")
+
+SERVICE_NAME = "kvcache.v1.KVCache"

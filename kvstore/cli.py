@@ -1,0 +1,71 @@
+"""`kvstore serve ...`: run a storage node until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from .config import ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache storage node")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a node")
+    serve.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (port 0 picks a free one)")
+    serve.add_argument("--data", required=True, help="directory of the node's LMDB environment")
+    serve.add_argument("--map-size-gb", type=float, default=8.0, help="LMDB map size (default 8)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    serve.add_argument("--node-id", default="", help="name reported by Stat (default: HOST:PORT)")
+    serve.add_argument("--max-record-mb", type=float, default=256, help="largest record accepted")
+    serve.add_argument("--no-sync", action="store_true", help="skip fsync on commit (faster, less durable)")
+    serve.add_argument("--auth-tokens", default=None, help="file of 'TOKEN TENANT' lines; enables auth")
+    serve.add_argument("--tls-cert", default=None)
+    serve.add_argument("--tls-key", default=None)
+    serve.add_argument("--high-water", type=float, default=0.9, help="evict LRU blocks above this map fill")
+    serve.add_argument("--tenant-quota-gb", type=float, default=None, help="per-tenant byte quota")
+    serve.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        listen=args.listen,
+        data_dir=args.data,
+        map_size_gb=args.map_size_gb,
+        metrics_port=args.metrics_port,
+        node_id=args.node_id or args.listen,
+        max_record_bytes=int(args.max_record_mb * (1 << 20)),
+        sync=not args.no_sync,
+        auth_tokens_file=args.auth_tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        high_water=args.high_water,
+        tenant_quota_bytes=int(args.tenant_quota_gb * (1 << 30)) if args.tenant_quota_gb else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from .server import serve_forever
+
+    try:
+        serve_forever(config_from_args(args), stop)
+    except (OSError, ValueError) as exc:
+        print(f"kvstore: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # lmdb errors and the like: one readable line
+        print(f"kvstore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Node configuration: one frozen dataclass, built once from CLI flags and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+MAX_KEY_BYTES = 256
+CHUNK_BYTES = 1 * MiB
+GRPC_MESSAGE_LIMIT = 8 * MiB
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:0"
+    data_dir: str = "./kvstore-data"
+    map_size_gb: float = 8.0
+    metrics_port: int | None = None
+    node_id: str = ""
+    max_record_bytes: int = 256 * MiB
+    max_stream_bytes: int = 1 * GiB
+    sync: bool = True
+    workers: int = 16
+    grace_seconds: float = 5.0
+    auth_tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    high_water: float = 0.9
+    tenant_quota_bytes: int | None = None
+
+    @property
+    def map_size_bytes(self) -> int:
+        return int(self.map_size_gb * GiB)
+
+    @property
+    def data_path(self) -> str:
+        return os.path.abspath(self.data_dir)

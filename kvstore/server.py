@@ -1,0 +1,112 @@
+"""Build and run a node: gRPC server, health service, metrics endpoint, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvclient.pb import SERVICE_NAME
+
+from .config import GRPC_MESSAGE_LIMIT, ServerConfig
+from .metrics import NodeMetrics
+from .servicer import KVCacheServicer, instrumented
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class Node:
+    """A running node: what tests and the CLI need to inspect and stop it."""
+
+    server: grpc.Server
+    port: int
+    storage: Storage
+    servicer: KVCacheServicer
+    health: health.HealthServicer
+    metrics: NodeMetrics
+    metrics_port: int | None = None
+
+    def stop(self, grace: float | None = None) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.storage.close()
+
+
+def _handlers(servicer: KVCacheServicer, metrics: NodeMetrics) -> grpc.GenericRpcHandler:
+    ser = lambda msg: msg.SerializeToString()  # noqa: E731
+    wrap = lambda name, fn, streaming=False: instrumented(name, fn, metrics, streaming)  # noqa: E731
+    methods = {
+        "Put": grpc.stream_unary_rpc_method_handler(wrap("Put", servicer.put), response_serializer=ser),
+        "Get": grpc.unary_stream_rpc_method_handler(wrap("Get", servicer.get, True), response_serializer=ser),
+        "Lookup": grpc.unary_unary_rpc_method_handler(wrap("Lookup", servicer.lookup), response_serializer=ser),
+        "Delete": grpc.unary_unary_rpc_method_handler(wrap("Delete", servicer.delete), response_serializer=ser),
+        "Stat": grpc.unary_unary_rpc_method_handler(wrap("Stat", servicer.stat), response_serializer=ser),
+        "LocalInfo": grpc.unary_unary_rpc_method_handler(
+            wrap("LocalInfo", servicer.local_info), response_serializer=ser
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    with open(config.tls_key, "rb") as k, open(config.tls_cert, "rb") as c:
+        return grpc.ssl_server_credentials([(k.read(), c.read())])
+
+
+def build_node(config: ServerConfig) -> Node:
+    """Open storage, start the server on config.listen (port 0 picks one) and return the Node."""
+    storage = Storage(config.data_dir, config.map_size_bytes, sync=config.sync)
+    metrics = NodeMetrics(storage)
+    auth = None
+    if config.auth_tokens_file:
+        from .auth import Authenticator
+
+        auth = Authenticator.from_file(config.auth_tokens_file)
+    servicer = KVCacheServicer(config, storage, metrics, auth)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((_handlers(servicer, metrics),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    creds = _credentials(config)
+    try:
+        port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
+    except RuntimeError as exc:
+        storage.close()
+        raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = metrics.serve_http(config.metrics_port) if config.metrics_port is not None else None
+    log.info("kvstore node %r listening on port %d, data %s", config.node_id, port, storage.path)
+    return Node(server, port, storage, servicer, health_servicer, metrics, metrics_port)
+
+
+def create_server(config: ServerConfig) -> tuple[grpc.Server, int]:
+    """The entry point for tests: a started server and the port it bound."""
+    node = build_node(config)
+    node.server.node = node  # keep storage reachable for callers that want to stop cleanly
+    return node.server, node.port
+
+
+def serve_forever(config: ServerConfig, stop_event: threading.Event) -> None:
+    node = build_node(config)
+    print(f"kvstore listening on {config.listen.rsplit(':', 1)[0]}:{node.port}", flush=True)
+    stop_event.wait()
+    log.info("shutting down (grace %.1fs)", config.grace_seconds)
+    node.stop(config.grace_seconds)

@@ -1,0 +1,226 @@
+"""The kvcache.v1 servicer: translates between protobuf and the storage domain, nothing more.
+
+Requests arrive as raw bytes and are parsed here, so malformed input maps to INVALID_ARGUMENT
+(grpcio's own deserializer would answer INTERNAL). Every domain error maps to a status code in
+``_abort`` (the one place), and no handler exception escapes as UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from kvclient import record
+from kvclient.errors import Corrupt, InvalidArgument, KVCacheError, QuotaExceeded
+from kvclient.pb import kvcache_pb2 as pb
+
+from .config import CHUNK_BYTES, MAX_KEY_BYTES, ServerConfig
+from .metrics import NodeMetrics
+from .storage import IncomingRecord, Storage
+
+log = logging.getLogger(__name__)
+MAX_KEYS_PER_CALL = 65536
+
+
+def host_id() -> str:
+    """Same host ⇔ same hostname and same kernel boot (the co-located path checks this)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def parse(cls, raw: bytes):
+    msg = cls()
+    try:
+        msg.ParseFromString(raw)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidArgument(f"malformed {cls.__name__}: {exc}") from exc
+    return msg
+
+
+def check_key(key: bytes) -> None:
+    if not key:
+        raise InvalidArgument("empty key")
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidArgument(f"key of {len(key)} bytes exceeds {MAX_KEY_BYTES}")
+
+
+def check_keys(keys) -> None:
+    if len(keys) > MAX_KEYS_PER_CALL:
+        raise InvalidArgument(f"{len(keys)} keys in one call exceeds {MAX_KEYS_PER_CALL}")
+    for key in keys:
+        check_key(key)
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, KVCacheError):
+        context.abort(exc.code, str(exc))
+    log.exception("unexpected error in handler")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+class KVCacheServicer:
+    def __init__(self, config: ServerConfig, storage: Storage, metrics: NodeMetrics, auth=None) -> None:
+        self.config = config
+        self.storage = storage
+        self.metrics = metrics
+        self.auth = auth  # kvstore.auth.Authenticator or None
+
+    def _prefix(self, context: grpc.ServicerContext) -> bytes:
+        return self.auth.key_prefix(context) if self.auth else b""
+
+    # ---- Put ---------------------------------------------------------------------------
+    def put(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutResponse:
+        prefix = self._prefix(context)
+        records: list[IncomingRecord] = []
+        current: pb.PutRequest | None = None
+        parts: list[bytes] = []
+        got = total = 0
+        for raw in request_iterator:
+            msg = parse(pb.PutRequest, raw)
+            if current is None:
+                current, parts, got = self._start_record(msg, total), [], 0
+            elif msg.key or msg.size or msg.checksum:
+                raise InvalidArgument("record header arrived before the previous record was complete")
+            if msg.data:
+                got += len(msg.data)
+                total += len(msg.data)
+                if got > current.size:
+                    raise InvalidArgument(f"record {current.key.hex()[:16]} has more data than its size")
+                parts.append(msg.data)
+            if got == current.size:
+                payload = b"".join(parts)
+                if record.checksum(payload) != current.checksum:
+                    raise Corrupt(f"record {current.key.hex()[:16]} failed its checksum in transit")
+                records.append(IncomingRecord(prefix + current.key, current.checksum, payload))
+                current = None
+        if current is not None:
+            raise InvalidArgument("stream ended inside a record")
+        stored, existed = self.storage.put_batch(records)
+        self.metrics.bytes_in.inc(total)
+        return pb.PutResponse(stored=stored, existed=existed)
+
+    def _start_record(self, msg: pb.PutRequest, total: int) -> pb.PutRequest:
+        check_key(msg.key)
+        if len(msg.checksum) != record.CHECKSUM_SIZE:
+            raise InvalidArgument("checksum must be 16 bytes (XXH3-128)")
+        if msg.size > self.config.max_record_bytes:
+            raise QuotaExceeded(f"record of {msg.size} bytes exceeds limit {self.config.max_record_bytes}")
+        if total + msg.size > self.config.max_stream_bytes:
+            raise QuotaExceeded(f"put stream exceeds {self.config.max_stream_bytes} bytes")
+        return pb.PutRequest(key=msg.key, size=msg.size, checksum=msg.checksum)
+
+    # ---- Get ---------------------------------------------------------------------------
+    def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
+        request = parse(pb.GetRequest, raw)
+        check_keys(request.keys)
+        prefix = self._prefix(context)
+        for index, key in enumerate(request.keys):
+            try:
+                found = self.storage.read_chunks(prefix + key, CHUNK_BYTES)
+            except Corrupt:
+                log.warning("corrupt record %s", key.hex())
+                self.metrics.misses.labels("corrupt").inc()
+                yield pb.GetResponse(index=index, state=pb.RECORD_STATE_CORRUPT, last=True)
+                continue
+            if found is None:
+                self.metrics.misses.labels("missing").inc()
+                yield pb.GetResponse(index=index, state=pb.RECORD_STATE_MISSING, last=True)
+                continue
+            digest, chunks = found
+            self.metrics.hits.inc()
+            size = sum(len(c) for c in chunks)
+            self.metrics.bytes_out.inc(size)
+            for n, chunk in enumerate(chunks):
+                first = n == 0
+                yield pb.GetResponse(
+                    index=index,
+                    state=pb.RECORD_STATE_FOUND,
+                    size=size if first else 0,
+                    checksum=digest if first else b"",
+                    data=chunk,
+                    last=n == len(chunks) - 1,
+                )
+
+    # ---- small calls -------------------------------------------------------------------
+    def lookup(self, raw: bytes, context: grpc.ServicerContext) -> pb.LookupResponse:
+        request = parse(pb.LookupRequest, raw)
+        check_keys(request.keys)
+        prefix = self._prefix(context)
+        present = self.storage.exists([prefix + k for k in request.keys])
+        run = next((i for i, p in enumerate(present) if not p), len(present))
+        return pb.LookupResponse(present=present, prefix_length=run)
+
+    def delete(self, raw: bytes, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        request = parse(pb.DeleteRequest, raw)
+        check_keys(request.keys)
+        prefix = self._prefix(context)
+        return pb.DeleteResponse(deleted=self.storage.delete(prefix + k for k in request.keys))
+
+    def stat(self, raw: bytes, context: grpc.ServicerContext) -> pb.StatResponse:
+        parse(pb.StatRequest, raw)
+        s = self.storage.stats()
+        return pb.StatResponse(
+            node_id=self.config.node_id,
+            records=s.records,
+            used_bytes=s.used_bytes,
+            map_size_bytes=s.map_size_bytes,
+            max_record_bytes=self.config.max_record_bytes,
+            version="kvcache.v1",
+            evicted_records=int(self.metrics.evictions._value.get()),
+        )
+
+    def local_info(self, raw: bytes, context: grpc.ServicerContext) -> pb.LocalInfoResponse:
+        parse(pb.LocalInfoRequest, raw)
+        return pb.LocalInfoResponse(
+            node_id=self.config.node_id,
+            data_path=self.storage.path,
+            host_id=host_id(),
+            env_token=self.storage.env_token,
+            key_prefix=self._prefix(context),
+        )
+
+
+def instrumented(method: str, fn: Callable, metrics: NodeMetrics, streaming: bool) -> Callable:
+    """Wrap a handler: map every error to a status, count requests and latency."""
+
+    def finish(start: float, exc: BaseException | None) -> None:
+        code = exc.code if isinstance(exc, KVCacheError) else grpc.StatusCode.INTERNAL
+        metrics.requests.labels(method, "OK" if exc is None else code.name).inc()
+        metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    if streaming:
+
+        @functools.wraps(fn)
+        def stream_handler(request, context):
+            start = time.perf_counter()
+            try:
+                yield from fn(request, context)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                finish(start, exc)
+                _abort(context, exc)
+            finish(start, None)
+
+        return stream_handler
+
+    @functools.wraps(fn)
+    def unary_handler(request, context):
+        start = time.perf_counter()
+        try:
+            reply = fn(request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            finish(start, exc)
+            _abort(context, exc)
+        finish(start, None)
+        return reply
+
+    return unary_handler

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import KVCacheError, Unavailable
+from .errors import Corrupt, KVCacheError, Unavailable
 from .node import Credentials, NodeConnection
 from .ring import DEFAULT_VNODES, HashRing
 
@@ -70,8 +70,12 @@ class Client:
         now = time.monotonic()
         return sorted(owners, key=lambda n: self._down_until.get(n, 0.0) > now)
 
-    def _fan_out(self, work: dict[str, list[int]], call) -> dict[str, object]:
-        """Run call(node, indices) per node in parallel; a failure is returned, not raised."""
+    def _fan_out(self, work: dict[str, list[int]], call, reads: bool = True) -> dict[str, object]:
+        """Run call(node, indices) per node in parallel; a failure is returned, not raised.
+
+        For reads, only failures another replica can cure (unreachable node, deadline, damaged
+        bytes) are returned; a request the cluster refuses (bad key, auth) is raised at once.
+        """
         futures = {node: self._pool.submit(call, node, idx) for node, idx in work.items()}
         results: dict[str, object] = {}
         for node, fut in futures.items():
@@ -80,14 +84,18 @@ class Client:
             except KVCacheError as exc:
                 if isinstance(exc, Unavailable):
                     self._mark_down(node)
+                elif reads and not isinstance(exc, Corrupt):
+                    raise
                 log.debug("node %s failed: %s", node, exc)
                 results[node] = exc
         return results
 
-    def _by_rank(self, keys: Sequence[bytes], pending: Iterable[int], rank: int) -> dict[str, list[int]]:
+    @staticmethod
+    def _by_rank(orders: Sequence[list[str]], pending: Iterable[int], rank: int) -> dict[str, list[int]]:
+        """Group keys by their `rank`-th replica (orders fixed once per call)."""
         work: dict[str, list[int]] = defaultdict(list)
         for i in pending:
-            owners = self.replicas(keys[i])
+            owners = orders[i]
             if rank < len(owners):
                 work[owners[rank]].append(i)
         return work
@@ -111,7 +119,7 @@ class Client:
 
         acks = [0] * len(items)
         errors = []
-        for node, outcome in self._fan_out(work, send).items():
+        for node, outcome in self._fan_out(work, send, reads=False).items():
             if isinstance(outcome, KVCacheError):
                 errors.append(outcome)
                 continue
@@ -128,7 +136,7 @@ class Client:
         for i, key in enumerate(keys):
             for node in self.ring.owners(key, self.replication):
                 work[node].append(i)
-        outcomes = self._fan_out(work, lambda n, idx: self.conn(n).delete([keys[i] for i in idx], self.timeout))
+        outcomes = self._fan_out(work, lambda n, idx: self.conn(n).delete([keys[i] for i in idx], self.timeout), False)
         return sum(o for o in outcomes.values() if isinstance(o, int))
 
     # ---- reads --------------------------------------------------------------------------
@@ -140,11 +148,12 @@ class Client:
         keys = list(keys)
         results: list[bytes | None] = [None] * len(keys)
         pending = list(range(len(keys)))
+        orders = [self.replicas(k) for k in keys]
         unreachable = 0
         for rank in range(self.replication):
             if not pending:
                 break
-            work = self._by_rank(keys, pending, rank)
+            work = self._by_rank(orders, pending, rank)
 
             def fetch(node: str, idx: list[int]) -> list[int]:
                 found = []
@@ -165,10 +174,11 @@ class Client:
         keys = list(keys)
         present = [False] * len(keys)
         pending = list(range(len(keys)))
+        orders = [self.replicas(k) for k in keys]
         for rank in range(self.replication):
             if not pending:
                 break
-            work = self._by_rank(keys, pending, rank)
+            work = self._by_rank(orders, pending, rank)
             outcomes = self._fan_out(work, lambda n, idx: self.conn(n).lookup([keys[i] for i in idx], self.timeout))
             for node, outcome in outcomes.items():
                 if not isinstance(outcome, KVCacheError):

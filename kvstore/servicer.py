@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from kvclient import record
+from kvclient.colocated import host_id
 from kvclient.errors import Corrupt, InvalidArgument, KVCacheError, QuotaExceeded
 from kvclient.pb import kvcache_pb2 as pb
 
@@ -26,16 +27,6 @@ from .storage import IncomingRecord, Storage
 
 log = logging.getLogger(__name__)
 MAX_KEYS_PER_CALL = 65536
-
-
-def host_id() -> str:
-    """Same host ⇔ same hostname and same kernel boot (the co-located path checks this)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "no-boot-id"
-    return f"{socket.gethostname()}/{boot}"
 
 
 def parse(cls, raw: bytes):
@@ -187,6 +178,7 @@ class KVCacheServicer:
             host_id=host_id(),
             env_token=self.storage.env_token,
             key_prefix=self._prefix(context),
+            pid=os.getpid(),
         )
 
 

@@ -1,0 +1,172 @@
+"""The KV record payload: a fixed, versioned header + K bytes + V bytes (docs/key-spec.md, "Records").
+
+One record holds one layer of one block: shape [2, kv_heads, tokens, head_dim] (K then V), raw
+little-endian elements (bf16 as its raw 2 bytes). Pure functions, no I/O; never pickle.
+
+Header (64 bytes, little-endian): magic b"KVB1" | version u16 | header size u16 | dtype u8 |
+codec u8 | layer u16 | shape 4 x u32 | raw length u64 | stored length u64 | XXH3-64 of the raw bytes
+u64 | 12 reserved bytes. The header size is a multiple of 16, so element data stays aligned.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+import zstandard
+
+MAGIC = b"KVB1"
+VERSION = 1
+HEADER = struct.Struct("<4sHHBBH4IQQQ12x")
+HEADER_SIZE = HEADER.size  # 64
+
+CODEC_NONE = 0
+CODEC_ZSTD_BYTEPLANE = 1
+CODECS = {"none": CODEC_NONE, "zstd-byteplane": CODEC_ZSTD_BYTEPLANE}
+
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_PLANE_COUNT = struct.Struct("<I")
+_PLANE_SIZE = struct.Struct("<Q")
+
+if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian raw memory
+    raise ImportError("inference.codec needs a little-endian host")
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; `reason` is the counted miss reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    dtype: torch.dtype
+    codec: int
+    layer: int
+    shape: tuple[int, int, int, int]  # (2, kv_heads, tokens, head_dim)
+    raw_length: int
+    stored_length: int
+    checksum: int
+
+    @property
+    def tokens(self) -> int:
+        return self.shape[2]
+
+
+def encode(keys: torch.Tensor, values: torch.Tensor, layer: int, codec: str = "none") -> bytes:
+    """One record from K and V of shape [kv_heads, tokens, head_dim] (any device, same dtype)."""
+    if keys.shape != values.shape or keys.dim() != 3 or keys.dtype != values.dtype:
+        raise ValueError(f"K {tuple(keys.shape)} and V {tuple(values.shape)} must be equal 3-d tensors")
+    if keys.dtype not in DTYPE_CODES:
+        raise ValueError(f"unsupported KV dtype {keys.dtype}")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r} (have {sorted(CODECS)})")
+    raw = _raw_bytes(keys) + _raw_bytes(values)
+    stored = _byteplane_compress(raw, keys.element_size()) if CODECS[codec] else raw
+    header = HEADER.pack(
+        MAGIC, VERSION, HEADER_SIZE, DTYPE_CODES[keys.dtype], CODECS[codec], layer,
+        2, *keys.shape, len(raw), len(stored), xxhash.xxh3_64_intdigest(raw),
+    )
+    return header + stored
+
+
+def parse_header(record: bytes | memoryview) -> RecordHeader:
+    view = memoryview(record)
+    if len(view) < HEADER_SIZE:
+        raise RecordError("bad_header", "record shorter than its header")
+    magic, version, size, dtype_code, codec, layer, *rest = HEADER.unpack_from(view)
+    shape, (raw_length, stored_length, checksum) = tuple(rest[:4]), rest[4:]
+    if magic != MAGIC or version != VERSION or size != HEADER_SIZE:
+        raise RecordError("bad_header", f"unknown record format {bytes(magic)!r} v{version}")
+    if dtype_code not in DTYPES or codec not in CODECS.values():
+        raise RecordError("bad_header", f"unknown dtype code {dtype_code} or codec {codec}")
+    if len(view) - HEADER_SIZE != stored_length:
+        raise RecordError("corrupt", f"payload is {len(view) - HEADER_SIZE} bytes, header says {stored_length}")
+    dtype = DTYPES[dtype_code]
+    if shape[0] != 2 or raw_length != int(np.prod(shape)) * _itemsize(dtype):
+        raise RecordError("bad_header", f"shape {shape} does not match raw length {raw_length}")
+    return RecordHeader(dtype, codec, layer, shape, raw_length, stored_length, checksum)
+
+
+def raw_payload(record: bytes | memoryview, header: RecordHeader, verify: bool = True) -> memoryview:
+    """The raw K‖V bytes of a record, as a view of `record` when it is stored uncompressed."""
+    stored = memoryview(record)[HEADER_SIZE:]
+    raw = stored if header.codec == CODEC_NONE else memoryview(_byteplane_decompress(stored, header))
+    if len(raw) != header.raw_length:
+        raise RecordError("corrupt", "decoded length differs from the header")
+    if verify and xxhash.xxh3_64_intdigest(raw) != header.checksum:
+        raise RecordError("corrupt", "record checksum mismatch")
+    return raw
+
+
+def decode_into(
+    record: bytes | memoryview,
+    dest_keys: torch.Tensor,
+    dest_values: torch.Tensor,
+    header: RecordHeader | None = None,
+    verify: bool = True,
+) -> RecordHeader:
+    """Decode a record into preallocated [kv_heads, tokens, head_dim] slices (any device, any strides).
+
+    Zero-copy until the destination: the payload is viewed with torch.frombuffer and copied once.
+    """
+    header = header or parse_header(record)
+    expected = (2, *dest_keys.shape)
+    if header.dtype != dest_keys.dtype:
+        raise RecordError("dtype_mismatch", f"record dtype {header.dtype}, model needs {dest_keys.dtype}")
+    if header.shape != expected:
+        raise RecordError("shape_mismatch", f"record shape {header.shape}, model needs {expected}")
+    raw = raw_payload(record, header, verify)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we only ever read them
+        both = torch.frombuffer(raw, dtype=header.dtype).view(header.shape)
+    dest_keys.copy_(both[0])
+    dest_values.copy_(both[1])
+    return header
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().view(torch.uint8)
+    return flat.numpy().tobytes()
+
+
+def _byteplane_compress(raw: bytes, itemsize: int) -> bytes:
+    """Byte-plane split (all first bytes, all second bytes, ...) then zstd per plane (lossless)."""
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T
+    compressor = zstandard.ZstdCompressor(level=3)
+    frames = [compressor.compress(np.ascontiguousarray(plane).tobytes()) for plane in planes]
+    table = _PLANE_COUNT.pack(itemsize) + b"".join(_PLANE_SIZE.pack(len(f)) for f in frames)
+    return table + b"".join(frames)
+
+
+def _byteplane_decompress(stored: memoryview, header: RecordHeader) -> bytes:
+    try:
+        (count,) = _PLANE_COUNT.unpack_from(stored)
+        if count != _itemsize(header.dtype):
+            raise RecordError("corrupt", f"{count} byte planes for {header.dtype}")
+        offset = _PLANE_COUNT.size + count * _PLANE_SIZE.size
+        n = header.raw_length // count
+        planes = np.empty((count, n), dtype=np.uint8)
+        decompressor = zstandard.ZstdDecompressor()
+        for i in range(count):
+            (size,) = _PLANE_SIZE.unpack_from(stored, _PLANE_COUNT.size + i * _PLANE_SIZE.size)
+            plane = decompressor.decompress(stored[offset : offset + size], max_output_size=n)
+            if len(plane) != n:
+                raise RecordError("corrupt", "byte plane of the wrong length")
+            planes[i] = np.frombuffer(plane, dtype=np.uint8)
+            offset += size
+    except (struct.error, zstandard.ZstdError) as exc:
+        raise RecordError("corrupt", f"cannot decompress record: {exc}") from exc
+    return planes.T.tobytes()

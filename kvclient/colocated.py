@@ -1,0 +1,118 @@
+"""The co-located fast path: read a same-host node's LMDB directly through a read-only map.
+
+Only reads take this path; writes always go through gRPC. The node tells the client where its
+environment lives (LocalInfo); the client checks that it runs on the same host (hostname + boot
+id), that it is another process (LMDB forbids opening one environment twice in a process), that
+the files are readable, and that the environment's token matches the node's. Payloads are handed
+out as memoryviews of the map, valid only inside ``views()``: copy them (once, into the
+destination tensor) before the block ends. Any doubt means falling back to gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import lmdb
+
+from . import record
+from .errors import Corrupt, KVCacheError
+
+log = logging.getLogger(__name__)
+
+DATA_DB = b"data"
+META_DB = b"meta"
+ENV_TOKEN = b"env_token"
+
+
+def host_id() -> str:
+    """Same host ⇔ same hostname and same kernel boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class ColocatedReader:
+    def __init__(self, node: str, path: str, env: lmdb.Environment, key_prefix: bytes, verify: bool) -> None:
+        self.node = node
+        self.path = path
+        self.env = env
+        self.db = env.open_db(DATA_DB, create=False)
+        self.key_prefix = key_prefix
+        self.verify = verify
+        self.identity = _file_identity(path)
+        self.corrupt = 0
+
+    @classmethod
+    def attach(cls, conn, timeout: float, verify: bool = True) -> "ColocatedReader | None":
+        """A reader for the node behind `conn`, or None (with the reason logged) if unsafe."""
+        try:
+            info = conn.local_info(timeout)
+        except KVCacheError as exc:
+            log.info("co-located path off for %s: %s", conn.address, exc)
+            return None
+        reason = None
+        if info.host_id != host_id():
+            reason = "different host"
+        elif info.pid == os.getpid():
+            reason = "node runs in this process"
+        elif not os.access(os.path.join(info.data_path, "data.mdb"), os.R_OK):
+            reason = f"cannot read {info.data_path}"
+        if reason:
+            log.info("co-located path off for %s: %s", conn.address, reason)
+            return None
+        try:
+            env = lmdb.open(info.data_path, readonly=True, lock=True, max_dbs=4, create=False, readahead=False)
+        except lmdb.Error as exc:
+            log.info("co-located path off for %s: %s", conn.address, exc)
+            return None
+        try:
+            meta = env.open_db(META_DB, create=False)
+            with env.begin(db=meta) as txn:
+                token = txn.get(ENV_TOKEN)
+        except lmdb.Error:
+            token = None
+        if token != info.env_token:
+            env.close()
+            log.info("co-located path off for %s: %s holds another node's files", conn.address, info.data_path)
+            return None
+        return cls(conn.address, info.data_path, env, info.key_prefix, verify)
+
+    def still_valid(self) -> bool:
+        """The node's files are still the ones we mapped (not deleted, not replaced)."""
+        return self.identity is not None and _file_identity(self.path) == self.identity
+
+    @contextmanager
+    def views(self, keys: Sequence[bytes]) -> Iterator[list[memoryview | None]]:
+        """Verified payload views of `keys` (None: missing or corrupt), valid inside the block."""
+        with self.env.begin(db=self.db, buffers=True) as txn:
+            out: list[memoryview | None] = []
+            for key in keys:
+                stored = txn.get(self.key_prefix + key)
+                if stored is None:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(record.unpack(stored, verify=self.verify)[0])
+                except Corrupt:
+                    self.corrupt += 1
+                    log.warning("corrupt record %s in %s", key.hex(), self.path)
+                    out.append(None)
+            yield out
+
+    def close(self) -> None:
+        self.env.close()

@@ -11,6 +11,8 @@ from collections import Counter
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # before grpc loads: errors are our one line
 
 from .client import Client
+from .cluster import parse_nodes
+from .healing import rebalance
 from .errors import KVCacheError
 
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("key")
     get.add_argument("-o", "--output", default=None, help="write here instead of stdout")
     sub.add_parser("stat", help="per-node statistics (JSON)")
+    reb = sub.add_parser("rebalance", help="after a membership change: copy keys to their new owners")
+    reb.add_argument("--previous", required=True, help="the old cluster file or node list")
+    reb.add_argument("--prune", action="store_true", help="also delete copies from nodes that no longer own them")
     ring = sub.add_parser("ring", help="ring layout: share of the key space per node, or a key's owners")
     ring.add_argument("key", nargs="?")
     return p
@@ -80,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.buffer.write(value)
         elif args.command == "stat":
             print(json.dumps(client.stat(), indent=2))
+        elif args.command == "rebalance":
+            _, previous = parse_nodes(args.previous)
+            report = rebalance(client, previous, prune=args.prune).as_dict()
+            report["nodes"] = len(client.ring.nodes)
+            print(json.dumps(report, indent=2))
         elif args.command == "ring":
             print(json.dumps(cmd_ring(client, args.key), indent=2))
     return 0

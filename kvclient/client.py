@@ -8,15 +8,18 @@ to `replication` distinct owners in parallel and succeed when `write_quorum` of 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from .cluster import ClusterSpec, parse_nodes
 from .colocated import ColocatedReader
 from .errors import Corrupt, KVCacheError, Unavailable
 from .node import Credentials, NodeConnection
+from .healing import HintQueue
 from .ring import DEFAULT_VNODES, HashRing
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ DOWN_SECONDS = 1.0  # after a node fails, try it last for this long
 class Client:
     def __init__(
         self,
-        nodes: Sequence[str],
+        nodes: Sequence[str] | str,
         replication: int = 2,
         timeout: float = 10.0,
         *,
@@ -38,17 +41,25 @@ class Client:
         stream_timeout: float = 120.0,
         colocated: bool = True,
         verify_colocated: bool = True,
+        stripe: bool = True,
     ) -> None:
+        self.cluster_file: str | None = None
         if isinstance(nodes, str):
-            nodes = [n.strip() for n in nodes.split(",") if n.strip()]
+            spec_text = nodes
+            cluster, nodes = parse_nodes(spec_text)
+            if cluster is not None:  # the file is the source of truth for the cluster's shape
+                self.cluster_file = os.path.abspath(spec_text)
+                replication, vnodes = cluster.replication, cluster.vnodes
         if replication < 1:
             raise ValueError("replication must be >= 1")
         if isinstance(tls_ca, str):
             with open(tls_ca, "rb") as f:
                 tls_ca = f.read()
-        self.ring = HashRing(nodes, vnodes)
-        self.replication = min(replication, len(self.ring.nodes))
-        self.write_quorum = min(write_quorum, self.replication)
+        self._requested_quorum = write_quorum
+        self._set_ring(HashRing(nodes, vnodes), replication)
+        self._file_mtime = os.stat(self.cluster_file).st_mtime_ns if self.cluster_file else 0
+        self._checked_at = time.monotonic()
+        self.hints = HintQueue(lambda node, items: self.conn(node).put(items, self.stream_timeout))
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._creds = Credentials(token=token, tls_ca=tls_ca)
@@ -59,7 +70,33 @@ class Client:
         self.verify_colocated = verify_colocated
         self._readers: dict[str, ColocatedReader | None] = {}
         self.reads = {"colocated": 0, "grpc": 0}
+        self.repairs = 0
+        self.stripe = stripe
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.ring.nodes)), thread_name_prefix="kvclient")
+
+    # ---- membership -----------------------------------------------------------------------
+    def _set_ring(self, ring: HashRing, replication: int) -> None:
+        self.ring = ring
+        self.replication = min(replication, len(ring.nodes))
+        self.write_quorum = min(self._requested_quorum, self.replication)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Reload the cluster file if it changed (checked at most once a second)."""
+        if not self.cluster_file or (not force and time.monotonic() - self._checked_at < 1.0):
+            return False
+        self._checked_at = time.monotonic()
+        try:
+            mtime = os.stat(self.cluster_file).st_mtime_ns
+            if mtime == self._file_mtime and not force:
+                return False
+            spec = ClusterSpec.load(self.cluster_file)
+        except (OSError, ValueError) as exc:
+            log.warning("keeping the current ring: %s", exc)
+            return False
+        self._file_mtime = mtime
+        self._set_ring(HashRing(spec.nodes, spec.vnodes), spec.replication)
+        log.info("cluster file reloaded: %d nodes, replication %d", len(spec.nodes), spec.replication)
+        return True
 
     # ---- plumbing -------------------------------------------------------------------------
     def conn(self, node: str) -> NodeConnection:
@@ -71,9 +108,13 @@ class Client:
     def _mark_down(self, node: str) -> None:
         self._down_until[node] = time.monotonic() + DOWN_SECONDS
 
-    def replicas(self, key: bytes) -> list[str]:
-        """Owners of a key, healthy ones first (stable order otherwise)."""
+    def replicas(self, key: bytes, stripe: int = 0) -> list[str]:
+        """Owners of a key, healthy ones first; `stripe` rotates them so that a batch's reads
+        spread over all replicas (striped fetch) instead of all hitting the primaries."""
         owners = self.ring.owners(key, self.replication)
+        if self.stripe and len(owners) > 1:
+            shift = stripe % len(owners)
+            owners = owners[shift:] + owners[:shift]
         now = time.monotonic()
         return sorted(owners, key=lambda n: self._down_until.get(n, 0.0) > now)
 
@@ -113,6 +154,7 @@ class Client:
 
     def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
         """Write each record to its replicas. The records one node receives commit atomically."""
+        self.refresh()
         items = list(items)
         work: dict[str, list[int]] = defaultdict(list)
         for i, (key, _) in enumerate(items):
@@ -129,6 +171,8 @@ class Client:
         for node, outcome in self._fan_out(work, send, reads=False).items():
             if isinstance(outcome, KVCacheError):
                 errors.append(outcome)
+                if isinstance(outcome, Unavailable):  # owed to the node once it is back
+                    self.hints.add(node, [items[i] for i in work[node]])
                 continue
             for i in work[node]:
                 acks[i] += 1
@@ -138,6 +182,7 @@ class Client:
             raise type(first)(f"{short} of {len(items)} records below write quorum: {first}")
 
     def delete(self, keys: Sequence[bytes]) -> int:
+        self.refresh()
         keys = list(keys)
         work: dict[str, list[int]] = defaultdict(list)
         for i, key in enumerate(keys):
@@ -152,6 +197,7 @@ class Client:
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in key order (None for a miss on every replica)."""
+        self.refresh()
         keys = list(keys)
         if self.colocated:
             results: list[bytes | None] = [None] * len(keys)
@@ -162,7 +208,8 @@ class Client:
     def _get_many_grpc(self, keys: list[bytes]) -> list[bytes | None]:
         results: list[bytes | None] = [None] * len(keys)
         pending = list(range(len(keys)))
-        orders = [self.replicas(k) for k in keys]
+        orders = [self.replicas(k, i) for i, k in enumerate(keys)]
+        lacking: dict[int, list[str]] = defaultdict(list)  # replicas that answered missing/corrupt
         unreachable = 0
         for rank in range(self.replication):
             if not pending:
@@ -175,6 +222,8 @@ class Client:
                     if value is not None:
                         results[idx[j]] = value
                         found.append(idx[j])
+                    else:
+                        lacking[idx[j]].append(node)
                 return found
 
             outcomes = self._fan_out(work, fetch)
@@ -182,13 +231,33 @@ class Client:
             pending = [i for i in pending if results[i] is None]
         if pending and unreachable == len(pending):
             raise Unavailable(f"{len(pending)} keys: no replica reachable")
+        self._read_repair(keys, results, lacking)
         return results
 
+    def _read_repair(self, keys: list[bytes], results: list[bytes | None], lacking: dict[int, list[str]]) -> None:
+        """Write records back to replicas that lacked them or held damaged copies (background)."""
+        owed: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for i, nodes in lacking.items():
+            if results[i] is not None:
+                for node in nodes:
+                    owed[node].append((keys[i], results[i]))
+        for node, items in owed.items():
+            self.repairs += len(items)
+            self._pool.submit(self._repair_one, node, items)
+
+    def _repair_one(self, node: str, items: list[tuple[bytes, bytes]]) -> None:
+        try:
+            self.conn(node).put(items, self.stream_timeout)
+        except KVCacheError as exc:
+            log.info("read repair of %d records on %s deferred: %s", len(items), node, exc)
+            self.hints.add(node, items)
+
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        self.refresh()
         keys = list(keys)
         present = [False] * len(keys)
         pending = list(range(len(keys)))
-        orders = [self.replicas(k) for k in keys]
+        orders = [self.replicas(k, i) for i, k in enumerate(keys)]
         for rank in range(self.replication):
             if not pending:
                 break
@@ -271,6 +340,7 @@ class Client:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
+        self.hints.close()
         for reader in self._readers.values():
             if reader is not None:
                 reader.close()

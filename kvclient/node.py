@@ -53,6 +53,7 @@ class NodeConnection:
         self._lookup = self.channel.unary_unary(path + "Lookup", ser, pb.LookupResponse.FromString)
         self._delete = self.channel.unary_unary(path + "Delete", ser, pb.DeleteResponse.FromString)
         self._stat = self.channel.unary_unary(path + "Stat", ser, pb.StatResponse.FromString)
+        self._scan = self.channel.unary_unary(path + "Scan", ser, pb.ScanResponse.FromString)
         self._local_info = self.channel.unary_unary(path + "LocalInfo", ser, pb.LocalInfoResponse.FromString)
 
     def _call(self, fn, request, timeout: float):
@@ -95,6 +96,10 @@ class NodeConnection:
 
     def stat(self, timeout: float) -> pb.StatResponse:
         return self._call(self._stat, pb.StatRequest(), timeout)
+
+    def scan(self, start_after: bytes, limit: int, timeout: float) -> tuple[list[bytes], bool]:
+        reply = self._call(self._scan, pb.ScanRequest(start_after=start_after, limit=limit), timeout)
+        return list(reply.keys), reply.more
 
     def local_info(self, timeout: float) -> pb.LocalInfoResponse:
         return self._call(self._local_info, pb.LocalInfoRequest(), timeout)

@@ -53,6 +53,7 @@ def _handlers(servicer: KVCacheServicer, metrics: NodeMetrics) -> grpc.GenericRp
         "Lookup": grpc.unary_unary_rpc_method_handler(wrap("Lookup", servicer.lookup), response_serializer=ser),
         "Delete": grpc.unary_unary_rpc_method_handler(wrap("Delete", servicer.delete), response_serializer=ser),
         "Stat": grpc.unary_unary_rpc_method_handler(wrap("Stat", servicer.stat), response_serializer=ser),
+        "Scan": grpc.unary_unary_rpc_method_handler(wrap("Scan", servicer.scan), response_serializer=ser),
         "LocalInfo": grpc.unary_unary_rpc_method_handler(
             wrap("LocalInfo", servicer.local_info), response_serializer=ser
         ),

@@ -170,6 +170,13 @@ class KVCacheServicer:
             evicted_records=int(self.metrics.evictions._value.get()),
         )
 
+    def scan(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScanResponse:
+        request = parse(pb.ScanRequest, raw)
+        limit = min(request.limit or 10_000, MAX_KEYS_PER_CALL)
+        prefix = self._prefix(context)
+        keys = self.storage.scan(prefix, prefix + request.start_after if request.start_after else b"", limit + 1)
+        return pb.ScanResponse(keys=[k[len(prefix):] for k in keys[:limit]], more=len(keys) > limit)
+
     def local_info(self, raw: bytes, context: grpc.ServicerContext) -> pb.LocalInfoResponse:
         parse(pb.LocalInfoRequest, raw)
         return pb.LocalInfoResponse(

@@ -11,7 +11,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import lmdb
@@ -131,15 +131,19 @@ class Storage:
             payload, _ = record.unpack(stored)
             return bytes(payload)
 
-    def iter_keys(self, prefix: bytes = b"") -> Iterator[bytes]:
+    def scan(self, prefix: bytes, start_after: bytes, limit: int) -> list[bytes]:
+        """Up to `limit` keys under `prefix`, in order, strictly after `start_after`."""
+        out: list[bytes] = []
         with self.env.begin(db=self._data) as txn:
             cursor = txn.cursor()
-            if not cursor.set_range(prefix):
-                return
+            if not cursor.set_range(max(prefix, start_after)):
+                return out
             for key in cursor.iternext(keys=True, values=False):
-                if not key.startswith(prefix):
-                    return
-                yield key
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                if key != start_after:
+                    out.append(key)
+        return out
 
     def stats(self) -> StorageStats:
         info = self.env.info()

@@ -1,0 +1,130 @@
+"""`kvbench SCENARIO --out DIR`: run a benchmark scenario and write DIR/SCENARIO.{json,md,png}.
+
+Scenarios: economics (the cost model, beside measured figures with --from DIR), transport (gRPC
+vs raw socket), topology (namespaces + tc links), reuse (prefill vs cached reuse), all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from .economics import PRESETS
+from .report import write_report
+
+DEFAULT_OUT = "bench/out"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true", help="small sizes: seconds, not minutes")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _add_cost(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="GPU $/hour and prefill tok/s preset (default paper; see bench/economics.py)")
+    p.add_argument("--gpu-usd-per-hour", type=float, default=None, help="override the preset")
+    p.add_argument("--prefill-tps", type=float, default=None, help="prefill tokens/s, override the preset")
+    p.add_argument("--egress-usd-per-gb", type=float, default=None, help="override the preset")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvbench", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="scenario", required=True)
+
+    e = sub.add_parser("economics", help="cost model vs the paper (and measured figures)")
+    _add_common(e)
+    _add_cost(e)
+    e.add_argument("--from", dest="from_dir", default=None, help="directory with other scenarios' JSON")
+
+    t = sub.add_parser("transport", help="gRPC vs raw socket throughput on loopback")
+    _add_common(t)
+    t.add_argument("--records", type=int, default=None, help="records per run (default 64; quick 16)")
+    t.add_argument("--record-mib", type=float, default=4.0)
+    t.add_argument("--repeats", type=int, default=None, help="runs (default 3; quick 2)")
+
+    g = sub.add_parser("topology", help="fetch one document's KV over shaped links, verdict per link")
+    _add_common(g)
+    _add_cost(g)
+    g.add_argument("--tokens", type=int, default=3774, help="document tokens (default 3774)")
+    g.add_argument("--scale", type=float, default=None,
+                   help="fraction of the tokens actually moved; times extrapolate linearly (quick 0.1)")
+    g.add_argument("--transport", choices=["grpc", "socket"], default="grpc")
+    g.add_argument("--loopback-only", action="store_true", help="skip the namespace links")
+
+    r = sub.add_parser("reuse", help="prefill vs reuse (fetch + rest + first token) per transport")
+    _add_common(r)
+    r.add_argument("--model", default="smollm2", help="tiny-qwen3, smollm2, qwen3-4b-random or a PATH")
+    r.add_argument("--lengths", default=None, help="comma-separated token counts (default 256,512,1024,2048)")
+    r.add_argument("--transports", default="local,grpc", help="comma-separated: local, grpc")
+    r.add_argument("--repeats", type=int, default=None, help="timed runs per cell, median (default 3)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="float32")
+
+    a = sub.add_parser("all", help="every scenario, then economics over their results")
+    _add_common(a)
+    a.add_argument("--model", default=None, help="reuse model (default smollm2; quick tiny-qwen3)")
+    return ap
+
+
+def _run_economics(args) -> None:
+    from . import econ_scenario
+
+    write_report(econ_scenario.run(econ_scenario.cost_preset(args), args.from_dir), args.out)
+
+
+def _run_transport(args) -> None:
+    from . import transport
+
+    p = transport.TransportParams(
+        records=args.records or (16 if args.quick else 64), record_mib=args.record_mib,
+        repeats=args.repeats or (2 if args.quick else 3))
+    write_report(transport.run(p, progress=not args.no_progress), args.out)
+
+
+def _run_topology(args) -> None:
+    from . import econ_scenario, topology
+
+    scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
+    p = topology.TopologyParams(tokens=args.tokens, scale=scale, transport=args.transport,
+                                loopback_only=args.loopback_only)
+    write_report(topology.run(p, econ_scenario.cost_preset(args), progress=not args.no_progress), args.out)
+
+
+def _run_reuse(args) -> None:
+    from . import reuse
+
+    default = "256,512" if args.quick else "256,512,1024,2048"
+    p = reuse.ReuseParams(
+        model=args.model, lengths=tuple(int(x) for x in (args.lengths or default).split(",")),
+        transports=tuple(x.strip() for x in args.transports.split(",") if x.strip()),
+        repeats=args.repeats or (2 if args.quick else 3), device=args.device, dtype=args.dtype)
+    write_report(reuse.run(p, progress=not args.no_progress), args.out)
+
+
+def _run_all(args) -> None:
+    base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
+    model = args.model or ("tiny-qwen3" if args.quick else "smollm2")
+    for argv in (["transport"], ["topology"], ["reuse", "--model", model], ["economics", "--from", args.out]):
+        t0 = time.perf_counter()
+        main([*argv, *base])
+        print(f"kvbench: {argv[0]} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+
+RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
+           "reuse": _run_reuse, "all": _run_all}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    RUNNERS[args.scenario](args)
+    if args.scenario != "all":
+        print(f"kvbench: wrote {args.out}/{args.scenario}.{{json,md,png}}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

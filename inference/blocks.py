@@ -1,0 +1,170 @@
+"""Blocks ⇄ DynamicCache: which keys a prompt has, loading its longest cached prefix, exporting new blocks.
+
+A stored record that does not fit (dtype, shape, layer), fails its checksum or is missing ends the
+reuse at its block: the prefix before it is used, the rest is prefilled, and the reason is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+from kvclient.keys import block_keys, record_key, tail_key
+
+from .codec import RecordError, decode_into, encode, parse_header
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What one token's KV looks like for a model: layers x [kv_heads, head_dim] of `dtype`."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "KVLayout":
+        config = model.config.get_text_config(decoder=True)
+        layer_types, _ = get_layer_types_and_kwargs(config)
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"KV reuse needs full-attention layers only, the model has {sorted(set(layer_types))}")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(len(layer_types), kv_heads, head_dim, model.dtype, next(model.parameters()).device)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """The keys of a prompt: one per full block, and one for the shorter tail (if any)."""
+
+    block_size: int
+    block_keys: list[bytes]
+    tail_key: bytes | None
+    tail_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.block_keys) * self.block_size + self.tail_tokens
+
+    def segments(self) -> list[tuple[bytes, int, int]]:
+        """(key, first token, token count) of every block, the tail last."""
+        out = [(key, i * self.block_size, self.block_size) for i, key in enumerate(self.block_keys)]
+        if self.tail_key is not None:
+            out.append((self.tail_key, len(self.block_keys) * self.block_size, self.tail_tokens))
+        return out
+
+
+def plan_prefix(namespace: bytes, tokens: Sequence[int], block_size: int) -> PrefixPlan:
+    keys = block_keys(namespace, tokens, block_size)
+    rest = list(tokens[len(keys) * block_size :])
+    tail = tail_key(keys[-1] if keys else namespace, rest) if rest else None
+    return PrefixPlan(block_size, keys, tail, len(rest))
+
+
+@dataclass
+class LoadedPrefix:
+    cache: DynamicCache
+    tokens: int  # tokens of KV in `cache`
+    blocks: int  # full blocks that loaded
+    tail: bool  # whether the tail loaded too
+    bytes: int
+    reasons: Counter = field(default_factory=Counter)
+
+
+def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None) -> LoadedPrefix:
+    """Fetch the longest cached prefix of `plan` into a DynamicCache (at most `max_tokens` of it)."""
+    reasons: Counter = Counter()
+    segments = _available_segments(client, plan, reasons)
+    total = sum(count for _, _, count in segments)
+    shape = (1, layout.kv_heads, total, layout.head_dim)
+    keys = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
+    values = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
+    loaded = nbytes = blocks = 0
+    tail = False
+    tail_start = len(plan.block_keys) * plan.block_size
+    for key, start, count in segments:
+        try:
+            records = client.get_many([record_key(key, layer) for layer in range(layout.num_layers)])
+        except Exception as exc:  # a store failure is a miss, never a failed request
+            log.warning("fetching KV block failed: %s", exc)
+            reasons["store_error"] += 1
+            break
+        reason = _decode_segment(records, keys, values, start, count)
+        if reason is not None:
+            reasons[reason] += 1
+            break
+        loaded += count
+        nbytes += sum(len(r) for r in records)
+        tail = start >= tail_start
+        blocks += not tail
+    usable = loaded if max_tokens is None else min(loaded, max_tokens)
+    if usable:
+        data = [(k[:, :, :usable], v[:, :, :usable]) for k, v in zip(keys, values)]
+        cache = DynamicCache(ddp_cache_data=data, config=config)
+    else:
+        cache = DynamicCache(config=config)
+    return LoadedPrefix(cache, usable, blocks, tail, nbytes, reasons)
+
+
+def _available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tuple[bytes, int, int]]:
+    """Blocks the store has (layer 0 present ⇒ all layers: a block is written in one atomic put)."""
+    present = 0
+    if plan.block_keys:
+        try:
+            present = client.lookup([record_key(key, 0) for key in plan.block_keys])
+        except Exception as exc:
+            log.warning("KV lookup failed: %s", exc)
+            reasons["store_error"] += 1
+            return []
+    segments = plan.segments()
+    if present < len(plan.block_keys) or plan.tail_key is None:
+        if present < len(plan.block_keys):
+            reasons["absent"] += 1
+        return segments[:present]
+    return segments  # the tail is probed by fetching it
+
+
+def _decode_segment(records: list, keys: list, values: list, start: int, count: int) -> str | None:
+    """Decode one block's layer records into the preallocated tensors; the miss reason if unusable."""
+    if records[0] is None:
+        return "absent"
+    for layer, record in enumerate(records):
+        if record is None:
+            return "missing_layer"
+        try:
+            header = parse_header(record)
+            if header.layer != layer:
+                raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
+            dest = (slice(None), slice(start, start + count))
+            decode_into(record, keys[layer][0][dest], values[layer][0][dest], header)
+        except RecordError as exc:
+            log.warning("unusable KV record (layer %d): %s", layer, exc)
+            return exc.reason
+    return None
+
+
+def export_segment(cache: DynamicCache, key: bytes, start: int, count: int, codec: str = "none") -> list[tuple[bytes, bytes]]:
+    """The records of tokens [start, start + count) of a (batch 1) cache, all layers, keyed by `key`."""
+    items = []
+    for layer, cache_layer in enumerate(cache.layers):
+        k = cache_layer.keys[0, :, start : start + count]
+        v = cache_layer.values[0, :, start : start + count]
+        if k.shape[1] != count:
+            raise ValueError(f"cache layer {layer} holds {cache_layer.keys.shape[2]} tokens, need {start + count}")
+        items.append((record_key(key, layer), encode(k, v, layer, codec)))
+    return items

@@ -1,0 +1,203 @@
+"""CachedGenerator: generate with the longest cached KV prefix, publish what was new (write-behind)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from kvclient.keys import DEFAULT_BLOCK_SIZE, namespace
+
+from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, load_prefix, plan_prefix
+from .fingerprint import fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    sequences: torch.Tensor  # [1, prompt + new tokens]
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the store
+    prefilled_tokens: int  # prompt tokens the model computed
+    fetch_seconds: float  # lookup + fetch + decode into the cache
+    prefill_seconds: float  # time to the first generated token, fetch excluded
+    fetched_bytes: int = 0
+    miss_reasons: Counter = field(default_factory=Counter)
+    logits: tuple[torch.Tensor, ...] | None = None  # per generated token, if output_logits=True
+    published: Future | None = None  # the write-behind of this request's new blocks
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[0, self.prompt_tokens :]
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.fetch_seconds + self.prefill_seconds
+
+
+class _FirstTokenClock(BaseStreamer):
+    """Timestamps the first generated token (generate puts the prompt first, then each new token)."""
+
+    def __init__(self, inner: BaseStreamer | None = None) -> None:
+        self.inner = inner
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.inner is not None:
+            self.inner.end()
+
+
+class CachedGenerator:
+    """Token-exact generation that reuses KV from a store (duck-typed client: lookup/get_many/put_many)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        client: Any,
+        tokenizer: Any = None,
+        tenant_salt: bytes = b"",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        codec: str = "none",
+        publish: bool = True,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError("block_size must be positive")
+        self.model = model
+        self.client = client
+        self.block_size = block_size
+        self.codec = codec
+        self.publish = publish
+        self.layout = KVLayout.of(model)
+        self.fingerprint = fingerprint(model, tokenizer)
+        self.namespace = namespace(self.fingerprint, tenant_salt)
+        self.stats: Counter = Counter()
+        self._stats_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
+        self._pending: set[Future] = set()
+
+    def plan(self, tokens: list[int]) -> PrefixPlan:
+        return plan_prefix(self.namespace, tokens, self.block_size)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **generate_kwargs: Any) -> GenerationResult:
+        ids = torch.as_tensor(input_ids)
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"CachedGenerator handles batch size 1, got input_ids of shape {tuple(ids.shape)}")
+        if ids.shape[1] == 0:
+            raise ValueError("empty prompt")
+        mask = generate_kwargs.pop("attention_mask", None)
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise ValueError("padded prompts are not supported (attention_mask must be all ones)")
+        for reserved in ("past_key_values", "use_cache"):
+            if reserved in generate_kwargs:
+                raise ValueError(f"{reserved} is managed by CachedGenerator")
+        tokens = ids[0].tolist()
+        plan = self.plan(tokens)
+
+        started = time.perf_counter()
+        prefix = load_prefix(self.client, plan, self.layout, self.model.config, max_tokens=len(tokens) - 1)
+        fetch_seconds = time.perf_counter() - started
+
+        clock = _FirstTokenClock(generate_kwargs.pop("streamer", None))
+        ids = ids.to(self.layout.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=prefix.cache,
+                use_cache=True,
+                max_new_tokens=max_new_tokens,
+                streamer=clock,
+                return_dict_in_generate=True,
+                **generate_kwargs,
+            )
+        prefill_seconds = (clock.first_token_at or time.perf_counter()) - started
+
+        published = self._publish_new(plan, prefix) if self.publish else None
+        self._count(prefix, len(tokens))
+        return GenerationResult(
+            sequences=out.sequences,
+            prompt_tokens=len(tokens),
+            cached_tokens=prefix.tokens,
+            prefilled_tokens=len(tokens) - prefix.tokens,
+            fetch_seconds=fetch_seconds,
+            prefill_seconds=prefill_seconds,
+            fetched_bytes=prefix.bytes,
+            miss_reasons=prefix.reasons,
+            logits=getattr(out, "logits", None),
+            published=published,
+        )
+
+    def _publish_new(self, plan: PrefixPlan, prefix: LoadedPrefix) -> Future | None:
+        """Queue the blocks (and tail) this request computed; each block is one atomic put_many."""
+        segments = plan.segments()[prefix.blocks :]
+        if prefix.tail:
+            segments = segments[:-1]
+        if not segments:
+            return None
+        future = self._pool.submit(self._store_segments, prefix.cache, segments)
+        with self._stats_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _store_segments(self, cache, segments: list[tuple[bytes, int, int]]) -> int:
+        stored = 0
+        try:
+            for key, start, count in segments:
+                self.client.put_many(export_segment(cache, key, start, count, self.codec))
+                stored += 1
+        except Exception as exc:  # write-behind: a failed publish costs a later miss, never an answer
+            log.warning("publishing KV blocks failed after %d of %d: %s", stored, len(segments), exc)
+            with self._stats_lock:
+                self.stats["publish_errors"] += 1
+        with self._stats_lock:
+            self.stats["published_segments"] += stored
+        return stored
+
+    def _forget(self, future: Future) -> None:
+        with self._stats_lock:
+            self._pending.discard(future)
+
+    def _count(self, prefix: LoadedPrefix, prompt_tokens: int) -> None:
+        with self._stats_lock:
+            self.stats["requests"] += 1
+            self.stats["prompt_tokens"] += prompt_tokens
+            self.stats["cached_tokens"] += prefix.tokens
+            self.stats.update({f"miss_{reason}": n for reason, n in prefix.reasons.items()})
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued publish has been stored (or has failed and been counted)."""
+        with self._stats_lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.result(timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "CachedGenerator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -81,6 +81,7 @@ class ColocatedReader:
             log.info("co-located path off for %s: %s", conn.address, exc)
             return None
         try:
+            env.set_mapsize(0)  # map the node's whole file, whatever its configured size
             meta = env.open_db(META_DB, create=False)
             with env.begin(db=meta) as txn:
                 token = txn.get(ENV_TOKEN)
@@ -96,10 +97,17 @@ class ColocatedReader:
         """The node's files are still the ones we mapped (not deleted, not replaced)."""
         return self.identity is not None and _file_identity(self.path) == self.identity
 
+    def _begin(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin(db=self.db, buffers=True)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # the node grew its map: adopt the size now in the file
+            return self.env.begin(db=self.db, buffers=True)
+
     @contextmanager
     def views(self, keys: Sequence[bytes]) -> Iterator[list[memoryview | None]]:
         """Verified payload views of `keys` (None: missing or corrupt), valid inside the block."""
-        with self.env.begin(db=self.db, buffers=True) as txn:
+        with self._begin() as txn:
             out: list[memoryview | None] = []
             for key in keys:
                 stored = txn.get(self.key_prefix + key)

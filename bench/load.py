@@ -1,0 +1,206 @@
+"""`kvbench load`: how fast a cached prefix reaches the model, per path, in one run.
+
+Measures memcpy bandwidth (the ceiling), the co-located path (a same-host node's LMDB map straight
+into KV tensors) and gRPC, on the same synthetic KV records laid out for a real model; then the
+load time per token from short to long prompts (it must grow linearly); then prefill vs reuse
+(fetch + prefill of the rest + first token) for the real model over both paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from kvclient import Client
+from kvclient.keys import namespace
+
+from .report import Report, Table
+from .servers import kvstore_node
+
+
+@dataclass(frozen=True)
+class LoadParams:
+    model: str = "smollm2"
+    lengths: tuple[int, ...] = (256, 1024, 4096, 16384)  # load-time linearity
+    reuse_lengths: tuple[int, ...] = (512, 2048, 8192)
+    repeats: int = 3
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memcpy_gbps(nbytes: int, device: torch.device, repeats: int) -> float:
+    """Host memory into the destination (a warm host tensor, or the device), the ceiling."""
+    src = torch.empty(nbytes, dtype=torch.uint8).random_()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src)
+    _sync(device)
+
+    def copy():
+        dst.copy_(src)
+        _sync(device)
+
+    return nbytes / _best(copy, repeats) / 1e9
+
+
+def store_synthetic(writer: Client, layout, tokens: int, seed: int):
+    """Random KV of `tokens` tokens for `layout`, stored as the generator stores blocks."""
+    from inference.blocks import export_segment, plan_prefix
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 30000, (tokens,), generator=gen).tolist()
+    plan = plan_prefix(namespace(hashlib.sha256(f"load-{seed}".encode()).hexdigest()), ids, 256)
+    shape = (1, layout.kv_heads, tokens, layout.head_dim)
+    data = [(torch.randn(shape, generator=gen).to(layout.dtype), torch.randn(shape, generator=gen).to(layout.dtype))
+            for _ in range(layout.num_layers)]
+    cache = DynamicCache(ddp_cache_data=data)
+    for key, start, count in plan.segments():
+        writer.put_many(export_segment(cache, key, start, count))
+    return plan
+
+
+def time_load(client: Client, plan, layout, config, repeats: int) -> tuple[float, int]:
+    from inference.fastload import load_prefix_fast
+
+    result = {}
+
+    def load():
+        prefix = load_prefix_fast(client, plan, layout, config)
+        _sync(layout.device)
+        result["p"] = prefix
+
+    seconds = _best(load, repeats)
+    prefix = result["p"]
+    if prefix.tokens != plan.num_tokens:
+        raise RuntimeError(f"loaded {prefix.tokens} of {plan.num_tokens} tokens: {dict(prefix.reasons)}")
+    return seconds, prefix.bytes
+
+
+def run(p: LoadParams, progress: bool = True) -> Report:
+    from inference.blocks import KVLayout
+    from inference.models import load_model
+
+    dtype = getattr(torch, p.dtype)
+    model, tokenizer = load_model(p.model, dtype=dtype, device=p.device)
+    layout = KVLayout.of(model)
+    device = layout.device
+    rows, load_rows = [], []
+    with tempfile.TemporaryDirectory(prefix="kvbench-load-") as tmp, \
+            kvstore_node(tmp, map_size_gb=64) as node:
+        address = f"127.0.0.1:{node.port}"
+        with Client([address], replication=1, colocated=True) as colo, \
+                Client([address], replication=1, colocated=False) as grpc_client:
+            bar = tqdm(total=len(p.lengths) + len(p.reuse_lengths), disable=not progress, desc="load")
+            for n in p.lengths:
+                plan = store_synthetic(grpc_client, layout, n, seed=n)
+                colo_s, nbytes = time_load(colo, plan, layout, model.config, p.repeats)
+                grpc_s, _ = time_load(grpc_client, plan, layout, model.config, max(1, p.repeats - 1))
+                load_rows.append({"tokens": n, "bytes": nbytes, "colocated_seconds": colo_s, "grpc_seconds": grpc_s,
+                                  "colocated_us_per_token": colo_s / n * 1e6, "grpc_us_per_token": grpc_s / n * 1e6})
+                bar.update()
+            if colo.reader(address) is None:
+                raise RuntimeError("the co-located path did not attach: the load figures would be gRPC's")
+            biggest = load_rows[-1]
+            memcpy = memcpy_gbps(biggest["bytes"], device, p.repeats)
+            rows = reuse_rows(model, tokenizer, colo, grpc_client, p, bar)
+            bar.close()
+    per_token = [r["colocated_us_per_token"] for r in load_rows]
+    spread = (max(per_token) - min(per_token)) / statistics.median(per_token)
+    figures = {
+        "memcpy_gbps": memcpy,
+        "colocated_gbps": biggest["bytes"] / biggest["colocated_seconds"] / 1e9,
+        "grpc_gbps": biggest["bytes"] / biggest["grpc_seconds"] / 1e9,
+        "kv_bytes_per_token": layout.bytes_per_token,
+        "load_per_token_spread": spread,
+        "load_rows": load_rows,
+        "rows": rows,
+    }
+    figures["colocated_over_memcpy"] = figures["colocated_gbps"] / memcpy
+    table = Table(["tokens", "transport", "prefill s", "reuse s", "ratio", "cached", "fetch s"],
+                  [[r["tokens"], r["transport"], r["prefill_seconds"], r["reuse_seconds"], r["ratio"],
+                    r["cached_tokens"], r["fetch_seconds"]] for r in rows])
+    notes = [
+        f"memcpy {memcpy:.2f} GB/s, co-located {figures['colocated_gbps']:.2f} GB/s "
+        f"({figures['colocated_over_memcpy']:.2f} of memcpy), gRPC {figures['grpc_gbps']:.2f} GB/s, "
+        f"at {biggest['tokens']} tokens ({biggest['bytes'] / 1e6:.0f} MB) on {device}.",
+        "load time per token (co-located), µs: " + ", ".join(
+            f"{r['tokens']}: {r['colocated_us_per_token']:.2f}" for r in load_rows) + f" (spread {spread:.1%}).",
+    ]
+    return Report("load", p.__dict__, figures, table, notes, plot=lambda fig: _plot(fig, load_rows),
+                  title=f"KV load paths — {p.model} on {device}")
+
+
+def _prompt(tokenizer, n: int, vocab: int) -> torch.Tensor:
+    if tokenizer is not None:
+        from inference.demo import DOCUMENT_PATH
+
+        text = open(DOCUMENT_PATH).read()
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        while ids.numel() < n:
+            ids = torch.cat([ids, ids])
+        return ids[:n].unsqueeze(0)
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(0, vocab, (1, n), generator=gen)
+
+
+def reuse_rows(model, tokenizer, colo: Client, grpc_client: Client, p: LoadParams, bar) -> list[dict]:
+    """Prefill vs reuse per length and path: a cold request publishes, warm ones are timed."""
+    from inference import CachedGenerator
+
+    device = next(model.parameters()).device
+    rows = []
+    for n in p.reuse_lengths:
+        ids = _prompt(tokenizer, n, model.config.vocab_size).to(device)
+        cold = CachedGenerator(model, colo, tokenizer)
+        prefill = [cold.generate(ids, 1, do_sample=False) for _ in range(max(1, p.repeats - 1))]
+        cold.flush()
+        # a cold request on an empty namespace gives the prefill time: use a salt per repeat
+        cold_times = []
+        for r in range(p.repeats):
+            fresh = CachedGenerator(model, colo, tokenizer, tenant_salt=f"cold-{n}-{r}".encode(), publish=False)
+            cold_times.append(fresh.generate(ids, 1, do_sample=False).time_to_first_token)
+        prefill_s = min(cold_times)
+        for name, client in (("colocated", colo), ("grpc", grpc_client)):
+            gen = CachedGenerator(model, client, tokenizer, publish=False)
+            warm = [gen.generate(ids, 1, do_sample=False) for _ in range(p.repeats)]
+            best = min(warm, key=lambda r: r.time_to_first_token)
+            rows.append({"tokens": n, "transport": name, "prefill_seconds": prefill_s,
+                         "reuse_seconds": best.time_to_first_token, "ratio": prefill_s / best.time_to_first_token,
+                         "fetch_seconds": best.fetch_seconds, "cached_tokens": best.cached_tokens,
+                         "exact": bool(torch.equal(best.new_tokens.cpu(), prefill[0].new_tokens.cpu()))})
+        bar.update()
+    return rows
+
+
+def _plot(fig, load_rows: list[dict]) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    tokens = [r["tokens"] for r in load_rows]
+    ax.plot(tokens, [r["colocated_seconds"] * 1e3 for r in load_rows], "o-", label="co-located (LMDB map)")
+    ax.plot(tokens, [r["grpc_seconds"] * 1e3 for r in load_rows], "s-", label="gRPC loopback")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("cached prompt tokens")
+    ax.set_ylabel("load time (ms)")
+    ax.set_title("KV load time against prompt length (linear = slope 1)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()

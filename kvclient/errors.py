@@ -39,9 +39,15 @@ class Unauthenticated(KVCacheError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class FailedPrecondition(KVCacheError):
+    """The node will not do this in its present configuration."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _BY_CODE = {
     cls.code: cls
-    for cls in (NotFound, Corrupt, Unavailable, InvalidArgument, QuotaExceeded, Unauthenticated)
+    for cls in (NotFound, Corrupt, Unavailable, InvalidArgument, QuotaExceeded, Unauthenticated, FailedPrecondition)
 }
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 _BY_CODE[grpc.StatusCode.CANCELLED] = Unavailable

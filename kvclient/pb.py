@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pathlib
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -34,7 +35,12 @@ def generate() -> None:
 
 def _stale() -> bool:
     generated = _OUT / "kvcache_pb2.py"
-    return not generated.exists() or generated.stat().st_mtime < _PROTO.stat().st_mtime
+    if not generated.exists():
+        return True
+    if generated.stat().st_mtime >= _PROTO.stat().st_mtime:
+        return False
+    # a newer .proto: regenerate where the build tool is installed (a deployed copy may lack it)
+    return importlib.util.find_spec("grpc_tools") is not None
 
 
 if _PROTO.exists() and _stale():

@@ -24,10 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-record-mb", type=float, default=256, help="largest record accepted")
     serve.add_argument("--no-sync", action="store_true", help="skip fsync on commit (faster, less durable)")
     serve.add_argument("--auth-tokens", default=None, help="file of 'TOKEN TENANT' lines; enables auth")
-    serve.add_argument("--tls-cert", default=None)
-    serve.add_argument("--tls-key", default=None)
-    serve.add_argument("--high-water", type=float, default=0.9, help="evict LRU blocks above this map fill")
-    serve.add_argument("--tenant-quota-gb", type=float, default=None, help="per-tenant byte quota")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate chain; serve TLS (with --tls-key)")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--high-water", type=float, default=0.9, help="evict LRU blocks above this map fill (default 0.9; 1 = never)"
+    )
+    serve.add_argument(
+        "--tenant-quota-gb", type=float, default=None, help="per-tenant byte quota (evicts the tenant's own LRU blocks)"
+    )
+    serve.add_argument("--colocated", choices=["auto", "on", "off"], default="auto",
+                       help="let same-host clients read the LMDB files directly (auto: only without auth)")
     serve.add_argument("--log-level", default="INFO")
     return parser
 
@@ -41,6 +47,10 @@ def check_listen(listen: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     check_listen(args.listen)
+    if not 0 < args.high_water <= 1:
+        raise ValueError(f"--high-water must be in (0, 1], got {args.high_water}")
+    if args.tenant_quota_gb is not None and args.tenant_quota_gb <= 0:
+        raise ValueError(f"--tenant-quota-gb must be positive, got {args.tenant_quota_gb}")
     return ServerConfig(
         listen=args.listen,
         data_dir=args.data,
@@ -53,7 +63,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         high_water=args.high_water,
-        tenant_quota_bytes=int(args.tenant_quota_gb * (1 << 30)) if args.tenant_quota_gb else None,
+        colocated={"auto": None, "on": True, "off": False}[args.colocated],
+        tenant_quota_bytes=int(args.tenant_quota_gb * (1 << 30)) if args.tenant_quota_gb is not None else None,
     )
 
 

@@ -28,8 +28,11 @@ class ServerConfig:
     auth_tokens_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    high_water: float = 0.9
-    tenant_quota_bytes: int | None = None
+    # Evict least-recently-used blocks when live pages pass this fraction of the map. 1.0 turns
+    # eviction off (a full store refuses writes); `kvstore serve` defaults to 0.9.
+    high_water: float = 0.9  # fraction of the map; 1.0 turns eviction off
+    colocated: bool | None = None  # serve LocalInfo (the same-host fast path); default: only without auth
+    tenant_quota_bytes: int | None = None  # per tenant: key + record bytes; its own LRU blocks go first
 
     @property
     def map_size_bytes(self) -> int:

@@ -72,19 +72,26 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 def build_node(config: ServerConfig) -> Node:
     """Open storage, start the server on config.listen (port 0 picks one) and return the Node."""
-    storage = Storage(config.data_dir, config.map_size_bytes, sync=config.sync)
-    metrics = NodeMetrics(storage)
     auth = None
     if config.auth_tokens_file:
         from .auth import Authenticator
 
         auth = Authenticator.from_file(config.auth_tokens_file)
+    creds = _credentials(config)  # bad auth or TLS files fail before anything is opened
+    storage = Storage(
+        config.data_dir,
+        config.map_size_bytes,
+        sync=config.sync,
+        high_water=config.high_water,
+        tenant_quota=config.tenant_quota_bytes,
+    )
+    metrics = NodeMetrics(storage)
+    storage.evictor.on_evict = metrics.evictions.inc
     servicer = KVCacheServicer(config, storage, metrics, auth)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((_handlers(servicer, metrics),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    creds = _credentials(config)
     try:
         port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
     except RuntimeError as exc:

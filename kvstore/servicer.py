@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from kvclient import record
 from kvclient.colocated import host_id
-from kvclient.errors import Corrupt, InvalidArgument, KVCacheError, QuotaExceeded
+from kvclient.errors import Corrupt, FailedPrecondition, InvalidArgument, KVCacheError, QuotaExceeded
 from kvclient.pb import kvcache_pb2 as pb
 
 from .config import CHUNK_BYTES, MAX_KEY_BYTES, ServerConfig
@@ -52,11 +52,20 @@ def check_keys(keys) -> None:
         check_key(key)
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+def _status(exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
     if isinstance(exc, KVCacheError):
-        context.abort(exc.code, str(exc))
-    log.exception("unexpected error in handler")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        return exc.code
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        return grpc.StatusCode.CANCELLED  # the client went away while we read its stream
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code = _status(exc, context)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in handler")
+        context.abort(code, f"internal error: {type(exc).__name__}")
+    context.abort(code, str(exc) or code.name)
 
 
 class KVCacheServicer:
@@ -92,11 +101,11 @@ class KVCacheServicer:
                 payload = b"".join(parts)
                 if record.checksum(payload) != current.checksum:
                     raise Corrupt(f"record {current.key.hex()[:16]} failed its checksum in transit")
-                records.append(IncomingRecord(prefix + current.key, current.checksum, payload))
+                records.append(IncomingRecord(current.key, current.checksum, payload))
                 current = None
         if current is not None:
             raise InvalidArgument("stream ended inside a record")
-        stored, existed = self.storage.put_batch(records)
+        stored, existed = self.storage.put_batch(records, prefix)
         self.metrics.bytes_in.inc(total)
         return pb.PutResponse(stored=stored, existed=existed)
 
@@ -112,12 +121,12 @@ class KVCacheServicer:
 
     # ---- Get ---------------------------------------------------------------------------
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
+        prefix = self._prefix(context)
         request = parse(pb.GetRequest, raw)
         check_keys(request.keys)
-        prefix = self._prefix(context)
         for index, key in enumerate(request.keys):
             try:
-                found = self.storage.read_chunks(prefix + key, CHUNK_BYTES)
+                found = self.storage.read_chunks(key, CHUNK_BYTES, prefix)
             except Corrupt:
                 log.warning("corrupt record %s", key.hex())
                 self.metrics.misses.labels("corrupt").inc()
@@ -144,20 +153,21 @@ class KVCacheServicer:
 
     # ---- small calls -------------------------------------------------------------------
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> pb.LookupResponse:
+        prefix = self._prefix(context)
         request = parse(pb.LookupRequest, raw)
         check_keys(request.keys)
-        prefix = self._prefix(context)
-        present = self.storage.exists([prefix + k for k in request.keys])
+        present = self.storage.exists(list(request.keys), prefix)
         run = next((i for i, p in enumerate(present) if not p), len(present))
         return pb.LookupResponse(present=present, prefix_length=run)
 
     def delete(self, raw: bytes, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        prefix = self._prefix(context)
         request = parse(pb.DeleteRequest, raw)
         check_keys(request.keys)
-        prefix = self._prefix(context)
-        return pb.DeleteResponse(deleted=self.storage.delete(prefix + k for k in request.keys))
+        return pb.DeleteResponse(deleted=self.storage.delete(list(request.keys), prefix))
 
     def stat(self, raw: bytes, context: grpc.ServicerContext) -> pb.StatResponse:
+        self._prefix(context)  # authenticated callers only
         parse(pb.StatRequest, raw)
         s = self.storage.stats()
         return pb.StatResponse(
@@ -167,24 +177,31 @@ class KVCacheServicer:
             map_size_bytes=s.map_size_bytes,
             max_record_bytes=self.config.max_record_bytes,
             version="kvcache.v1",
-            evicted_records=int(self.metrics.evictions._value.get()),
+            evicted_records=s.evicted_records,
         )
 
     def scan(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScanResponse:
-        request = parse(pb.ScanRequest, raw)
-        limit = min(request.limit or 10_000, MAX_KEYS_PER_CALL)
         prefix = self._prefix(context)
+        request = parse(pb.ScanRequest, raw)
+        if len(request.start_after) > MAX_KEY_BYTES:
+            raise InvalidArgument(f"start_after of {len(request.start_after)} bytes exceeds {MAX_KEY_BYTES}")
+        limit = min(request.limit or 10_000, MAX_KEYS_PER_CALL)
         keys = self.storage.scan(prefix, prefix + request.start_after if request.start_after else b"", limit + 1)
         return pb.ScanResponse(keys=[k[len(prefix):] for k in keys[:limit]], more=len(keys) > limit)
 
     def local_info(self, raw: bytes, context: grpc.ServicerContext) -> pb.LocalInfoResponse:
+        prefix = self._prefix(context)
         parse(pb.LocalInfoRequest, raw)
+        allowed = self.config.colocated if self.config.colocated is not None else self.auth is None
+        if not allowed:
+            # whoever can read data.mdb reads every tenant: with auth on, only on explicit opt-in
+            raise FailedPrecondition("the co-located path is off on this node (--colocated to allow)")
         return pb.LocalInfoResponse(
             node_id=self.config.node_id,
             data_path=self.storage.path,
             host_id=host_id(),
             env_token=self.storage.env_token,
-            key_prefix=self._prefix(context),
+            key_prefix=prefix,
             pid=os.getpid(),
         )
 
@@ -192,9 +209,9 @@ class KVCacheServicer:
 def instrumented(method: str, fn: Callable, metrics: NodeMetrics, streaming: bool) -> Callable:
     """Wrap a handler: map every error to a status, count requests and latency."""
 
-    def finish(start: float, exc: BaseException | None) -> None:
-        code = exc.code if isinstance(exc, KVCacheError) else grpc.StatusCode.INTERNAL
-        metrics.requests.labels(method, "OK" if exc is None else code.name).inc()
+    def finish(start: float, exc: BaseException | None, context: grpc.ServicerContext) -> None:
+        code = "OK" if exc is None else _status(exc, context).name
+        metrics.requests.labels(method, code).inc()
         metrics.latency.labels(method).observe(time.perf_counter() - start)
 
     if streaming:
@@ -205,9 +222,9 @@ def instrumented(method: str, fn: Callable, metrics: NodeMetrics, streaming: boo
             try:
                 yield from fn(request, context)
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                finish(start, exc)
+                finish(start, exc, context)
                 _abort(context, exc)
-            finish(start, None)
+            finish(start, None, context)
 
         return stream_handler
 
@@ -217,9 +234,9 @@ def instrumented(method: str, fn: Callable, metrics: NodeMetrics, streaming: boo
         try:
             reply = fn(request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            finish(start, exc)
+            finish(start, exc, context)
             _abort(context, exc)
-        finish(start, None)
+        finish(start, None, context)
         return reply
 
     return unary_handler

@@ -3,6 +3,10 @@
 Each value is the record envelope of ``kvclient.record`` (header with XXH3-128 of the payload)
 followed by the payload. A batch of records is committed in one write transaction, so a reader
 sees all of it or none of it. Checksums are verified on every read.
+
+Records live under their tenant's prefix (``b""`` without auth). The ledger of
+``kvstore.ledger`` (size and last access per block, bytes per tenant) is updated in the same write
+transactions as the records; ``kvstore.eviction`` decides what to evict around each write.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lmdb
@@ -19,11 +25,25 @@ import lmdb
 from kvclient import record
 from kvclient.errors import Corrupt, QuotaExceeded
 
+from .eviction import EVICTED, Evictor
+from .ledger import COUNT, Changes, Ledger, group_id
+
 log = logging.getLogger(__name__)
 
 DATA_DB = b"data"
 META_DB = b"meta"
 ENV_TOKEN = b"env_token"
+LEDGER_VERSION = b"ledger_version"
+DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError)  # what a flipped bit in a page raises
+
+
+@contextmanager
+def _full_is_exhausted() -> Iterator[None]:
+    """A full map (even eviction needs a few free pages) is RESOURCE_EXHAUSTED, not INTERNAL."""
+    try:
+        yield
+    except lmdb.MapFullError as exc:
+        raise QuotaExceeded("store is full (LMDB map size reached)") from exc
 
 
 @dataclass(frozen=True)
@@ -36,22 +56,35 @@ class IncomingRecord:
 @dataclass(frozen=True)
 class StorageStats:
     records: int
-    used_bytes: int
+    used_bytes: int  # bytes of pages holding live data (freed pages are reused, not counted)
     map_size_bytes: int
+    file_bytes: int = 0  # the high-water mark of the data file
+    evicted_records: int = 0
 
 
 class Storage:
-    """A single LMDB environment holding records. Thread-safe: LMDB serialises writers."""
+    """A single LMDB environment holding records. Thread-safe: one writer at a time."""
 
-    def __init__(self, path: str, map_size: int, sync: bool = True, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        map_size: int,
+        sync: bool = True,
+        readonly: bool = False,
+        *,
+        high_water: float = 1.0,
+        tenant_quota: int | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.path = os.path.abspath(path)
         if not readonly:
             os.makedirs(self.path, exist_ok=True)
         self.readonly = readonly
+        self.clock = clock
         self.env = lmdb.open(
             self.path,
             map_size=map_size,
-            max_dbs=4,
+            max_dbs=8,
             max_readers=512,
             readonly=readonly,
             sync=sync,
@@ -59,10 +92,18 @@ class Storage:
             readahead=False,
             lock=True,  # readers must register, or a writer may reuse pages they still read
         )
-        self._data = self.env.open_db(DATA_DB, create=not readonly)
-        self._meta = self.env.open_db(META_DB, create=not readonly)
-        self._write_lock = threading.Lock()
+        self._map_size = self.env.info()["map_size"]  # fixed for the life of the environment
+        self.data_db = self._data = self.env.open_db(DATA_DB, create=not readonly)
+        self.meta_db = self._meta = self.env.open_db(META_DB, create=not readonly)
+        self._dbs = [self.env.open_db(None), self._data, self._meta]
+        self.write_lock = threading.Lock()
         self.env_token = self._load_env_token()
+        self.evictor = Evictor(self, high_water, tenant_quota)
+        self.ledger: Ledger | None = None
+        if not readonly:
+            self.ledger = Ledger(self.env, self._data)
+            self._dbs += [self.ledger.lru, self.ledger.usage_db]
+            self.evictor.start(self._open_ledger())
 
     def _load_env_token(self) -> bytes:
         with self.env.begin(db=self._meta) as txn:
@@ -73,63 +114,126 @@ class Storage:
                 txn.put(ENV_TOKEN, token)
         return bytes(token or b"")
 
+    def _open_ledger(self) -> int:
+        """Build the ledger of a store written before it existed; the lifetime eviction count."""
+        with self.env.begin(write=True) as txn:
+            if txn.get(LEDGER_VERSION, db=self._meta) is None:
+                count = self.ledger.rebuild(txn, self.clock())
+                txn.put(LEDGER_VERSION, b"1", db=self._meta)
+                if count:
+                    log.info("built the eviction ledger for %d existing records", count)
+            raw = txn.get(EVICTED, db=self._meta)
+        return COUNT.unpack(raw)[0] if raw else 0
+
     # ---- writes -------------------------------------------------------------------------
-    def put_batch(self, records: Iterable[IncomingRecord]) -> tuple[int, int]:
+    def put_batch(self, records: Iterable[IncomingRecord], tenant: bytes = b"") -> tuple[int, int]:
         """Store records atomically, first writer wins. Returns (stored, existed)."""
+        records = list(records)
+        groups = {group_id(tenant, rec.key) for rec in records}
+        with self.write_lock, _full_is_exhausted():
+            try:
+                self.evictor.make_room(records, tenant, groups)
+                result = self._write(records, tenant)
+            except lmdb.MapFullError:
+                if not self.evictor.after_map_full(records, tenant, groups):
+                    raise
+                result = self._write(records, tenant)
+            try:
+                self.evictor.after_write(groups)
+            except lmdb.MapFullError as exc:  # the batch is stored; the next write evicts again
+                log.warning("eviction after a write failed: %s", exc)
+        return result
+
+    def _write(self, records: list[IncomingRecord], tenant: bytes) -> tuple[int, int]:
         stored = existed = 0
-        try:
-            with self._write_lock, self.env.begin(db=self._data, write=True) as txn:
-                for rec in records:
-                    value = record.pack_header(len(rec.payload), rec.digest) + rec.payload
-                    if txn.put(rec.key, value, overwrite=False):
-                        stored += 1
-                    elif self._replace_if_corrupt(txn, rec.key, value):
-                        stored += 1
-                    else:
-                        existed += 1
-        except lmdb.MapFullError as exc:
-            raise QuotaExceeded("store is full (LMDB map size reached)") from exc
+        changes = Changes()
+        quota = self.evictor.tenant_quota
+        with self.env.begin(db=self._data, write=True, buffers=True) as txn:
+            for rec in records:
+                key = tenant + rec.key
+                value = record.pack_header(len(rec.payload), rec.digest) + rec.payload
+                if txn.put(key, value, overwrite=False):
+                    stored += 1
+                    changes.add(tenant, rec.key, len(key) + len(value))
+                    continue
+                replaced = self._replace_if_corrupt(txn, key, value)
+                if replaced is None:
+                    existed += 1
+                    changes.touch(tenant, rec.key)
+                else:
+                    stored += 1
+                    changes.add(tenant, rec.key, len(value) - replaced)
+            self.ledger.apply(txn, changes, self.clock())
+            if quota is not None and changes.tenants.get(tenant, 0) > 0:
+                used = self.ledger.usage(txn, tenant)
+                if used > quota:  # raising aborts the transaction: nothing of the batch stays
+                    raise QuotaExceeded(f"tenant quota of {quota} bytes exceeded ({used})")
         return stored, existed
 
-    def _replace_if_corrupt(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> bool:
-        """First writer wins, except over a record that fails its checksum (repair)."""
+    def _replace_if_corrupt(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> int | None:
+        """First writer wins, except over a record that fails its checksum (repair).
+
+        Returns the length of the replaced value, None if the stored record stays."""
+        old = txn.get(key)
         try:
-            record.unpack(txn.get(key))
-            return False
+            self._unpack(old)
+            return None
         except Corrupt:
             log.warning("replacing corrupt record %s", key.hex())
+            size = len(old)
             txn.put(key, value)
-            return True
+            return size
 
-    def delete(self, keys: Iterable[bytes]) -> int:
-        with self._write_lock, self.env.begin(db=self._data, write=True) as txn:
-            return sum(1 for key in keys if txn.delete(key))
+    def delete(self, keys: Iterable[bytes], tenant: bytes = b"") -> int:
+        changes = Changes()
+        deleted = 0
+        with self.write_lock, _full_is_exhausted(), self.env.begin(db=self._data, write=True, buffers=True) as txn:
+            for key in keys:
+                old = txn.get(tenant + key)
+                if old is not None:
+                    changes.add(tenant, key, -(len(tenant) + len(key) + len(old)), access=False)
+                    txn.delete(tenant + key)
+                    deleted += 1
+            self.ledger.apply(txn, changes, self.clock())
+        return deleted
 
     # ---- reads --------------------------------------------------------------------------
-    def exists(self, keys: list[bytes]) -> list[bool]:
-        with self.env.begin(db=self._data, buffers=True) as txn:
-            return [txn.get(key) is not None for key in keys]
+    @staticmethod
+    def _unpack(stored: memoryview | bytes) -> tuple[memoryview, bytes]:
+        payload, digest = record.unpack(stored)
+        if record.HEADER.unpack_from(stored)[2] != 0:  # this node writes no flags: a flipped bit
+            raise Corrupt("record header has unknown flags")
+        return payload, digest
 
-    def read_chunks(self, key: bytes, chunk_size: int) -> tuple[bytes, list[bytes]] | None:
+    def exists(self, keys: list[bytes], tenant: bytes = b"") -> list[bool]:
+        try:
+            with self.env.begin(db=self._data, buffers=True) as txn:
+                present = [txn.get(tenant + key) is not None for key in keys]
+        except DAMAGED as exc:  # a damaged page: report it, do not fail as INTERNAL
+            raise Corrupt(f"storage damaged: {exc}") from exc
+        self.evictor.touch(tenant, (k for k, p in zip(keys, present) if p))
+        return present
+
+    def read_chunks(self, key: bytes, chunk_size: int, tenant: bytes = b"") -> tuple[bytes, list[bytes]] | None:
         """(digest, payload chunks) of a verified record, None if missing; Corrupt if damaged.
 
         The chunks are copied out inside the read transaction: LMDB views die with it.
         """
-        with self.env.begin(db=self._data, buffers=True) as txn:
-            stored = txn.get(key)
-            if stored is None:
-                return None
-            payload, digest = record.unpack(stored)
-            chunks = [bytes(payload[i : i + chunk_size]) for i in range(0, len(payload), chunk_size)]
+        try:
+            with self.env.begin(db=self._data, buffers=True) as txn:
+                stored = txn.get(tenant + key)
+                if stored is None:
+                    return None
+                payload, digest = self._unpack(stored)
+                chunks = [bytes(payload[i : i + chunk_size]) for i in range(0, len(payload), chunk_size)]
+        except DAMAGED as exc:
+            raise Corrupt(f"storage damaged: {exc}") from exc
+        self.evictor.touch(tenant, [key])
         return digest, chunks or [b""]
 
-    def get(self, key: bytes) -> bytes | None:
-        with self.env.begin(db=self._data, buffers=True) as txn:
-            stored = txn.get(key)
-            if stored is None:
-                return None
-            payload, _ = record.unpack(stored)
-            return bytes(payload)
+    def get(self, key: bytes, tenant: bytes = b"") -> bytes | None:
+        found = self.read_chunks(key, 1 << 62, tenant)
+        return found[1][0] if found else None
 
     def scan(self, prefix: bytes, start_after: bytes, limit: int) -> list[bytes]:
         """Up to `limit` keys under `prefix`, in order, strictly after `start_after`."""
@@ -145,13 +249,33 @@ class Storage:
                     out.append(key)
         return out
 
+    def tenant_usage(self, tenant: bytes = b"") -> int:
+        """Bytes (keys + stored values) charged to a tenant."""
+        with self.env.begin() as txn:
+            return self.ledger.usage(txn, tenant) if self.ledger else 0
+
+    def map_size(self) -> int:
+        return self._map_size
+
+    def used_bytes(self) -> int:
+        """Bytes of pages holding live data, over every database (freed pages not counted)."""
+        with self.env.begin() as txn:
+            stats = [txn.stat(db) for db in self._dbs]
+        pages = sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)
+        return (pages + 2) * stats[0]["psize"]  # + the two meta pages
+
     def stats(self) -> StorageStats:
         info = self.env.info()
-        stat = self.env.stat()
         with self.env.begin(db=self._data) as txn:
             records = txn.stat(self._data)["entries"]
-        used = (info["last_pgno"] + 1) * stat["psize"]
-        return StorageStats(records=records, used_bytes=used, map_size_bytes=info["map_size"])
+        return StorageStats(
+            records=records,
+            used_bytes=self.used_bytes(),
+            map_size_bytes=info["map_size"],
+            file_bytes=(info["last_pgno"] + 1) * self.env.stat()["psize"],
+            evicted_records=self.evictor.evicted_records,
+        )
 
     def close(self) -> None:
+        self.evictor.stop()
         self.env.close()

@@ -98,3 +98,17 @@ def test_corrupt_local_record_falls_back_to_grpc_replica(spawn_node):
         flip_on_disk((a if primary == a.address else b).data_dir, value[:64])
         assert client.get(key) == value
         assert client.reader(primary).corrupt == 1
+
+
+def test_auth_turns_the_fast_path_off_unless_asked(spawn_node, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-a tenant-a\ntok-b tenant-b\n")
+    guarded = spawn_node("guarded", ["--auth-tokens", str(tokens)])
+    opened = spawn_node("opened", ["--auth-tokens", str(tokens), "--colocated", "on"])
+    for node, expect_reader in ((guarded, False), (opened, True)):
+        with Client([node.address], replication=1, token="tok-a") as a, \
+                Client([node.address], replication=1, token="tok-b") as b:
+            a.put(b"shared-key-0001", b"tenant a's bytes")
+            assert a.get(b"shared-key-0001") == b"tenant a's bytes"
+            assert (a.reader(node.address) is not None) == expect_reader
+            assert b.get(b"shared-key-0001") is None  # the tenant prefix holds on the fast path too

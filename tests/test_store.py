@@ -139,7 +139,7 @@ def test_record_over_limit_is_resource_exhausted(make_node):
 
 
 def test_full_store_refuses_writes_and_keeps_serving_reads(make_node):
-    node = make_node(map_size_gb=16 / 1024)  # 16 MiB map
+    node = make_node(map_size_gb=16 / 1024, high_water=1.0)  # 16 MiB map, eviction off
     with Client([f"127.0.0.1:{node.port}"], replication=1) as client:
         client.put(b"kept", b"still here")
         with pytest.raises(QuotaExceeded):

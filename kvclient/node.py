@@ -9,9 +9,11 @@ import grpc
 
 from . import record
 from .errors import from_rpc_error
+from .framing import with_bytes_field
 from .pb import SERVICE_NAME, kvcache_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+PUT_DATA_FIELD = 4  # PutRequest.data
 MESSAGE_LIMIT = 8 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
@@ -19,6 +21,7 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
 ]
 
 
@@ -28,12 +31,13 @@ class Credentials:
     tls_ca: bytes | None = None
 
 
-def _chunks(key: bytes, value: bytes | memoryview) -> Iterator[pb.PutRequest]:
+def _chunks(key: bytes, value: bytes | memoryview) -> Iterator[bytes]:
+    """Serialized PutRequest messages of one record, each payload chunk copied once."""
     view = memoryview(value).cast("B")
-    first = bytes(view[:CHUNK_BYTES])
-    yield pb.PutRequest(key=key, size=len(view), checksum=record.checksum(view), data=first)
+    head = pb.PutRequest(key=key, size=len(view), checksum=record.checksum(view)).SerializeToString()
+    yield with_bytes_field(head, PUT_DATA_FIELD, view[:CHUNK_BYTES])
     for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
-        yield pb.PutRequest(data=bytes(view[start : start + CHUNK_BYTES]))
+        yield with_bytes_field(b"", PUT_DATA_FIELD, view[start : start + CHUNK_BYTES])
 
 
 class NodeConnection:
@@ -48,7 +52,7 @@ class NodeConnection:
         self.metadata = (("authorization", f"Bearer {creds.token}"),) if creds.token else None
         ser = lambda m: m.SerializeToString()  # noqa: E731
         path = f"/{SERVICE_NAME}/"
-        self._put = self.channel.stream_unary(path + "Put", ser, pb.PutResponse.FromString)
+        self._put = self.channel.stream_unary(path + "Put", None, pb.PutResponse.FromString)  # pre-serialized
         self._get = self.channel.unary_stream(path + "Get", ser, pb.GetResponse.FromString)
         self._lookup = self.channel.unary_unary(path + "Lookup", ser, pb.LookupResponse.FromString)
         self._delete = self.channel.unary_unary(path + "Delete", ser, pb.DeleteResponse.FromString)

@@ -23,6 +23,7 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
     ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
     ("grpc.so_reuseport", 0),
+    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),  # fewer, larger HTTP/2 frames per 1 MiB message
 ]
 
 
@@ -49,7 +50,7 @@ def _handlers(servicer: KVCacheServicer, metrics: NodeMetrics) -> grpc.GenericRp
     wrap = lambda name, fn, streaming=False: instrumented(name, fn, metrics, streaming)  # noqa: E731
     methods = {
         "Put": grpc.stream_unary_rpc_method_handler(wrap("Put", servicer.put), response_serializer=ser),
-        "Get": grpc.unary_stream_rpc_method_handler(wrap("Get", servicer.get, True), response_serializer=ser),
+        "Get": grpc.unary_stream_rpc_method_handler(wrap("Get", servicer.get, True)),  # pre-serialized
         "Lookup": grpc.unary_unary_rpc_method_handler(wrap("Lookup", servicer.lookup), response_serializer=ser),
         "Delete": grpc.unary_unary_rpc_method_handler(wrap("Delete", servicer.delete), response_serializer=ser),
         "Stat": grpc.unary_unary_rpc_method_handler(wrap("Stat", servicer.stat), response_serializer=ser),

@@ -21,6 +21,7 @@ from kvclient.colocated import host_id
 from kvclient.errors import Corrupt, FailedPrecondition, InvalidArgument, KVCacheError, QuotaExceeded
 from kvclient.pb import kvcache_pb2 as pb
 
+from . import wire
 from .config import CHUNK_BYTES, MAX_KEY_BYTES, ServerConfig
 from .metrics import NodeMetrics
 from .storage import IncomingRecord, Storage
@@ -98,10 +99,10 @@ class KVCacheServicer:
                     raise InvalidArgument(f"record {current.key.hex()[:16]} has more data than its size")
                 parts.append(msg.data)
             if got == current.size:
-                payload = b"".join(parts)
-                if record.checksum(payload) != current.checksum:
+                incoming = IncomingRecord.from_parts(current.key, current.checksum, current.size, parts)
+                if record.checksum(incoming.payload) != current.checksum:
                     raise Corrupt(f"record {current.key.hex()[:16]} failed its checksum in transit")
-                records.append(IncomingRecord(current.key, current.checksum, payload))
+                records.append(incoming)
                 current = None
         if current is not None:
             raise InvalidArgument("stream ended inside a record")
@@ -120,36 +121,31 @@ class KVCacheServicer:
         return pb.PutRequest(key=msg.key, size=msg.size, checksum=msg.checksum)
 
     # ---- Get ---------------------------------------------------------------------------
-    def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.GetResponse]:
+    def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Serialized GetResponse messages (see kvstore/wire.py): one copy of each payload."""
         prefix = self._prefix(context)
         request = parse(pb.GetRequest, raw)
         check_keys(request.keys)
         for index, key in enumerate(request.keys):
             try:
-                found = self.storage.read_chunks(key, CHUNK_BYTES, prefix)
+                found = self.storage.read_with(
+                    key,
+                    lambda payload, digest: (wire.found_frames(index, payload, digest, CHUNK_BYTES), len(payload)),
+                    prefix,
+                )
             except Corrupt:
                 log.warning("corrupt record %s", key.hex())
                 self.metrics.misses.labels("corrupt").inc()
-                yield pb.GetResponse(index=index, state=pb.RECORD_STATE_CORRUPT, last=True)
+                yield wire.state_frame(index, pb.RECORD_STATE_CORRUPT)
                 continue
             if found is None:
                 self.metrics.misses.labels("missing").inc()
-                yield pb.GetResponse(index=index, state=pb.RECORD_STATE_MISSING, last=True)
+                yield wire.state_frame(index, pb.RECORD_STATE_MISSING)
                 continue
-            digest, chunks = found
+            frames, size = found
             self.metrics.hits.inc()
-            size = sum(len(c) for c in chunks)
             self.metrics.bytes_out.inc(size)
-            for n, chunk in enumerate(chunks):
-                first = n == 0
-                yield pb.GetResponse(
-                    index=index,
-                    state=pb.RECORD_STATE_FOUND,
-                    size=size if first else 0,
-                    checksum=digest if first else b"",
-                    data=chunk,
-                    last=n == len(chunks) - 1,
-                )
+            yield from frames
 
     # ---- small calls -------------------------------------------------------------------
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> pb.LookupResponse:

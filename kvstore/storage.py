@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import lmdb
 
@@ -27,6 +28,8 @@ from kvclient.errors import Corrupt, QuotaExceeded
 
 from .eviction import EVICTED, Evictor
 from .ledger import COUNT, Changes, Ledger, group_id
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,17 @@ def _full_is_exhausted() -> Iterator[None]:
 class IncomingRecord:
     key: bytes
     digest: bytes
-    payload: bytes
+    payload: bytes | memoryview
+    envelope: bytes | None = None  # header + payload already joined (payload is a view into it)
+
+    @classmethod
+    def from_parts(cls, key: bytes, digest: bytes, size: int, parts: list[bytes]) -> "IncomingRecord":
+        """Join the envelope header and the received chunks in one copy."""
+        envelope = b"".join([record.pack_header(size, digest), *parts])
+        return cls(key, digest, memoryview(envelope)[record.HEADER_SIZE :], envelope)
+
+    def stored_value(self) -> bytes:
+        return self.envelope if self.envelope is not None else record.pack_header(len(self.payload), self.digest) + bytes(self.payload)
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,7 @@ class Storage:
         with self.env.begin(db=self._data, write=True, buffers=True) as txn:
             for rec in records:
                 key = tenant + rec.key
-                value = record.pack_header(len(rec.payload), rec.digest) + rec.payload
+                value = rec.stored_value()
                 if txn.put(key, value, overwrite=False):
                     stored += 1
                     changes.add(tenant, rec.key, len(key) + len(value))
@@ -214,22 +227,29 @@ class Storage:
         self.evictor.touch(tenant, (k for k, p in zip(keys, present) if p))
         return present
 
-    def read_chunks(self, key: bytes, chunk_size: int, tenant: bytes = b"") -> tuple[bytes, list[bytes]] | None:
-        """(digest, payload chunks) of a verified record, None if missing; Corrupt if damaged.
-
-        The chunks are copied out inside the read transaction: LMDB views die with it.
-        """
+    def read_with(self, key: bytes, use: Callable[[memoryview, bytes], T], tenant: bytes = b"") -> T | None:
+        """use(payload view, digest) of a verified record, inside the read transaction (the view
+        dies with it, so `use` must copy what it keeps); None if missing; Corrupt if damaged."""
         try:
             with self.env.begin(db=self._data, buffers=True) as txn:
                 stored = txn.get(tenant + key)
                 if stored is None:
                     return None
                 payload, digest = self._unpack(stored)
-                chunks = [bytes(payload[i : i + chunk_size]) for i in range(0, len(payload), chunk_size)]
+                result = use(payload, digest)
         except DAMAGED as exc:
             raise Corrupt(f"storage damaged: {exc}") from exc
         self.evictor.touch(tenant, [key])
-        return digest, chunks or [b""]
+        return result
+
+    def read_chunks(self, key: bytes, chunk_size: int, tenant: bytes = b"") -> tuple[bytes, list[bytes]] | None:
+        """(digest, payload chunks) of a verified record, None if missing; Corrupt if damaged."""
+
+        def copy_out(payload: memoryview, digest: bytes) -> tuple[bytes, list[bytes]]:
+            chunks = [bytes(payload[i : i + chunk_size]) for i in range(0, len(payload), chunk_size)]
+            return digest, chunks or [b""]
+
+        return self.read_with(key, copy_out, tenant)
 
     def get(self, key: bytes, tenant: bytes = b"") -> bytes | None:
         found = self.read_chunks(key, 1 << 62, tenant)

@@ -1,7 +1,8 @@
 """`kvbench SCENARIO --out DIR`: run a benchmark scenario and write DIR/SCENARIO.{json,md,png}.
 
 Scenarios: economics (the cost model, beside measured figures with --from DIR), transport (gRPC
-vs raw socket), topology (namespaces + tc links), reuse (prefill vs cached reuse), all.
+vs raw socket), topology (namespaces + tc links), reuse (prefill vs cached reuse), load (KV load
+paths, bench/load.py), all (transport, topology, reuse, then economics over their results).
 """
 
 from __future__ import annotations
@@ -59,14 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.add_argument("--model", default="smollm2", help="tiny-qwen3, smollm2, qwen3-4b-random or a PATH")
     r.add_argument("--lengths", default=None, help="comma-separated token counts (default 256,512,1024,2048)")
-    r.add_argument("--transports", default="local,grpc", help="comma-separated: local, grpc")
+    r.add_argument("--transports", default="local,colocated,grpc",
+                   help="comma-separated: local (LocalStore), colocated (node LMDB map), grpc")
     r.add_argument("--repeats", type=int, default=None, help="timed runs per cell, median (default 3)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32")
+    r.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a busy 2-core box 2 OpenMP threads slow small "
+                        "matmuls by up to 60x); 0 = torch's default")
+
+    ld = sub.add_parser("load", help="KV load paths: memcpy vs co-located vs gRPC, load time vs length")
+    _add_common(ld)
+    ld.add_argument("--model", default="smollm2")
+    ld.add_argument("--device", default="cpu")
+    ld.add_argument("--dtype", default="float32")
 
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
-    a.add_argument("--model", default=None, help="reuse model (default smollm2; quick tiny-qwen3)")
+    a.add_argument("--model", default=None, help="reuse model (default smollm2, else tiny-qwen3)")
     return ap
 
 
@@ -101,21 +112,45 @@ def _run_reuse(args) -> None:
     p = reuse.ReuseParams(
         model=args.model, lengths=tuple(int(x) for x in (args.lengths or default).split(",")),
         transports=tuple(x.strip() for x in args.transports.split(",") if x.strip()),
-        repeats=args.repeats or (2 if args.quick else 3), device=args.device, dtype=args.dtype)
+        repeats=args.repeats or (2 if args.quick else 3), device=args.device, dtype=args.dtype,
+        threads=args.threads or None)
     write_report(reuse.run(p, progress=not args.no_progress), args.out)
+
+
+def _run_load(args) -> None:
+    from . import load
+
+    quick = dict(lengths=(256, 1024, 4096), reuse_lengths=(512,), repeats=2) if args.quick else {}
+    p = load.LoadParams(model=args.model, device=args.device, dtype=args.dtype, **quick)
+    write_report(load.run(p, progress=not args.no_progress), args.out)
 
 
 def _run_all(args) -> None:
     base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
-    model = args.model or ("tiny-qwen3" if args.quick else "smollm2")
-    for argv in (["transport"], ["topology"], ["reuse", "--model", model], ["economics", "--from", args.out]):
+    for argv in (["transport"], ["topology"], ["reuse"], ["economics", "--from", args.out]):
         t0 = time.perf_counter()
-        main([*argv, *base])
+        if argv[0] == "reuse":
+            _reuse_with_fallback(args.model, base)
+        else:
+            main([*argv, *base])
         print(f"kvbench: {argv[0]} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
+def _reuse_with_fallback(model: str | None, base: list[str]) -> None:
+    """SmolLM2 unless another model is named; the tiny random model if SmolLM2 is not installed."""
+    from inference.models import ModelUnavailable
+
+    try:
+        main(["reuse", "--model", model or "smollm2", *base])
+    except ModelUnavailable as exc:
+        if model:
+            raise
+        print(f"kvbench: smollm2 unavailable ({exc}); reuse runs on tiny-qwen3", file=sys.stderr)
+        main(["reuse", "--model", "tiny-qwen3", *base])
+
+
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
-           "reuse": _run_reuse, "all": _run_all}
+           "reuse": _run_reuse, "load": _run_load, "all": _run_all}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,6 +90,7 @@ def capture_env() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": _gpus(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -123,9 +124,14 @@ def markdown(report: Report, env: dict[str, Any]) -> str:
     commit = (env["git_commit"] or "none")[:12] + (" (dirty)" if env["git_dirty"] else "")
     lines += ["", f"Parameters: {params}", "",
               f"Environment: {env['cpu']} x{env['cpu_count']}, GPU {gpu}, Python {env['python']}, "
-              f"torch {env['torch']}, transformers {env['transformers']}, commit {commit}.", "",
+              f"torch {env['torch']}, transformers {env['transformers']}, commit {commit}, "
+              f"load average {_load(env)}.", "",
               f"![{report.scenario}]({report.scenario}.png)", ""]
     return "\n".join(lines)
+
+
+def _load(env: dict[str, Any]) -> str:
+    return "/".join(f"{x:.1f}" for x in env["loadavg"]) if env.get("loadavg") else "n/a"
 
 
 def _jsonable(value: Any) -> Any:

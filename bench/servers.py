@@ -18,6 +18,12 @@ PYTHON = sys.executable
 _PORT_LINE = re.compile(r"(?:PORT |listening on \S*:)(\d+)")
 
 
+def subprocess_env() -> dict[str, str]:
+    """This environment, with the repository first on PYTHONPATH (keeping what was there)."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, GRPC_VERBOSITY="NONE")
+
+
 def netns_prefix(ns: str | None) -> list[str]:
     return ["ip", "netns", "exec", ns] if ns else []
 
@@ -26,7 +32,7 @@ class ServerProcess:
     """Start argv, wait for the line naming its port, stop it (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, argv: Sequence[str], ready_timeout: float = 30.0) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), GRPC_VERBOSITY="NONE")
+        env = subprocess_env()
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
         atexit.register(self.stop)

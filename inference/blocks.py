@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 
 from kvclient.keys import block_keys, record_key, tail_key
 
@@ -89,7 +89,8 @@ class LoadedPrefix:
 def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None) -> LoadedPrefix:
     """Fetch the longest cached prefix of `plan` into a DynamicCache (at most `max_tokens` of it)."""
     reasons: Counter = Counter()
-    segments = _available_segments(client, plan, reasons)
+    lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
+    segments = _available_segments(client, plan, lookup_reasons)
     total = sum(count for _, _, count in segments)
     shape = (1, layout.kv_heads, total, layout.head_dim)
     keys = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
@@ -112,13 +113,29 @@ def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: 
         nbytes += sum(len(r) for r in records)
         tail = start >= tail_start
         blocks += not tail
+    if loaded == total:
+        reasons.update(lookup_reasons)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    if usable:
-        data = [(k[:, :, :usable], v[:, :, :usable]) for k, v in zip(keys, values)]
-        cache = DynamicCache(ddp_cache_data=data, config=config)
-    else:
-        cache = DynamicCache(config=config)
-    return LoadedPrefix(cache, usable, blocks, tail, nbytes, reasons)
+    return LoadedPrefix(prefix_cache(keys, values, usable, config), usable, blocks, tail, nbytes, reasons)
+
+
+def prefix_cache(keys: list[torch.Tensor], values: list[torch.Tensor], tokens: int, config) -> DynamicCache:
+    """A DynamicCache over the first `tokens` positions of per-layer [1, kv_heads, T, head_dim] tensors.
+
+    Full-attention layers adopt the tensors as they are: `DynamicCache(ddp_cache_data=...)` would
+    copy every layer once more, since its `update` concatenates onto an empty tensor.
+    """
+    if not tokens:
+        return DynamicCache(config=config)
+    cache = DynamicCache(config=config)
+    for layer, k, v in zip(cache.layers, keys, values):
+        k, v = k[:, :, :tokens], v[:, :, :tokens]
+        if type(layer) is DynamicLayer:
+            layer.update(k[:, :, :0], v[:, :, :0])  # initialises dtype and device, copies nothing
+            layer.keys, layer.values = k, v
+        else:
+            layer.update(k, v)
+    return cache
 
 
 def _available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tuple[bytes, int, int]]:

@@ -3,8 +3,9 @@
 Records are read layer-major with ``client.read_into``, so a co-located node's records arrive as
 views of its LMDB map and are copied exactly once: into the destination tensor on the CPU, or
 into a pinned staging buffer whose host-to-device copy runs asynchronously while the next layer
-is being copied (on CUDA). The store has already verified each record's XXH3-128, so the KV
-codec's own checksum is not computed a second time here.
+is being copied (on CUDA). The bytes are hashed once: the KV codec's checksum (which covers them
+from encode to decode) is checked, and the store's envelope checksum is skipped on the
+co-located path (gRPC still checks its own in transit).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from kvclient.keys import record_key
 
-from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments
+from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments, prefix_cache
 from .codec import RecordError, decode_into, parse_header
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class _Staging:
 def load_prefix_fast(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None) -> LoadedPrefix:
     """Like ``blocks.load_prefix``, through ``client.read_into`` (co-located map or gRPC)."""
     reasons: Counter = Counter()
-    segments = _available_segments(client, plan, reasons)
+    lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
+    segments = _available_segments(client, plan, lookup_reasons)
     total = sum(count for _, _, count in segments)
     n_layers = layout.num_layers
     shape = (1, layout.kv_heads, total, layout.head_dim)
@@ -109,9 +110,9 @@ def load_prefix_fast(client, plan: PrefixPlan, layout: KVLayout, config, max_tok
                 raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
             if staging is not None:
                 staged = staging.buffer_for(layer)
-                decode_into(view, staged[0, :, start : start + count], staged[1, :, start : start + count], header, verify=False)
+                decode_into(view, staged[0, :, start : start + count], staged[1, :, start : start + count], header)
             else:
-                decode_into(view, keys_t[layer][0, :, start : start + count], vals_t[layer][0, :, start : start + count], header, verify=False)
+                decode_into(view, keys_t[layer][0, :, start : start + count], vals_t[layer][0, :, start : start + count], header)
             nbytes += len(view)
         except RecordError as exc:
             seg_failed.setdefault(s, exc.reason)
@@ -120,7 +121,7 @@ def load_prefix_fast(client, plan: PrefixPlan, layout: KVLayout, config, max_tok
             staging.ship(layer, keys_t[layer], vals_t[layer])
 
     try:
-        found = client.read_into(store_keys, sink) if store_keys else []
+        found = client.read_into(store_keys, sink, verify=False) if store_keys else []
     except Exception as exc:  # a store failure is a miss, never a failed request
         log.warning("fetching KV blocks failed: %s", exc)
         reasons["store_error"] += 1
@@ -138,27 +139,11 @@ def load_prefix_fast(client, plan: PrefixPlan, layout: KVLayout, config, max_tok
     usable_segments = min(seg_failed) if seg_failed else len(segments)
     if seg_failed:
         reasons[seg_failed[usable_segments]] += 1
+    else:
+        reasons.update(lookup_reasons)
     loaded = sum(count for _, _, count in segments[:usable_segments])
     tail_start = len(plan.block_keys) * plan.block_size
     tail = any(start >= tail_start for _, start, _ in segments[:usable_segments])
     blocks = usable_segments - int(tail)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    data = [(k[:, :, :usable], v[:, :, :usable]) for k, v in zip(keys_t, vals_t)] if usable else []
-    return LoadedPrefix(cache_from_tensors(data, config), usable, blocks, tail, nbytes, reasons)
-
-
-def cache_from_tensors(data: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
-    """A DynamicCache that adopts the loaded tensors instead of copying them.
-
-    ``DynamicCache(ddp_cache_data=...)`` appends each layer to an empty tensor, one more full
-    copy of the KV on the hot path; the layers take the tensors as they are here.
-    """
-    cache = DynamicCache(config=config)
-    if not data:
-        return cache
-    if len(cache.layers) != len(data) or not all(hasattr(layer, "lazy_initialization") for layer in cache.layers):
-        return DynamicCache(ddp_cache_data=data, config=config)
-    for layer, (k, v) in zip(cache.layers, data):
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-    return cache
+    return LoadedPrefix(prefix_cache(keys_t, vals_t, usable, config), usable, blocks, tail, nbytes, reasons)

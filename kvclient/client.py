@@ -305,11 +305,15 @@ class Client:
             return None
         return reader
 
-    def read_into(self, keys: Sequence[bytes], sink: Callable[[int, memoryview], None]) -> list[bool]:
+    def read_into(
+        self, keys: Sequence[bytes], sink: Callable[[int, memoryview], None], verify: bool = True
+    ) -> list[bool]:
         """Call sink(index, payload view) for each stored key; views die when sink returns.
 
         Keys with a co-located replica are read straight from its memory map (no copy before
-        the sink's); the rest come over gRPC. Returns which keys were found.
+        the sink's); the rest come over gRPC. `verify=False` skips the record checksum on the
+        co-located path only, for payloads that carry (and the sink checks) their own.
+        Returns which keys were found.
         """
         keys = list(keys)
         found = [False] * len(keys)
@@ -323,7 +327,7 @@ class Client:
             reader = self._readers.get(node)
             if reader is None:
                 continue
-            with reader.views([keys[i] for i in idx]) as views:
+            with reader.views([keys[i] for i in idx], verify=verify and self.verify_colocated) as views:
                 for i, view in zip(idx, views):
                     if view is not None:
                         sink(i, view)

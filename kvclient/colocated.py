@@ -105,8 +105,13 @@ class ColocatedReader:
             return self.env.begin(db=self.db, buffers=True)
 
     @contextmanager
-    def views(self, keys: Sequence[bytes]) -> Iterator[list[memoryview | None]]:
-        """Verified payload views of `keys` (None: missing or corrupt), valid inside the block."""
+    def views(self, keys: Sequence[bytes], verify: bool | None = None) -> Iterator[list[memoryview | None]]:
+        """Verified payload views of `keys` (None: missing or corrupt), valid inside the block.
+
+        `verify=False` skips the checksum (the structure is still checked) for callers whose
+        payloads carry their own checksum, so the bytes are hashed once, not twice.
+        """
+        verify = self.verify if verify is None else verify
         with self._begin() as txn:
             out: list[memoryview | None] = []
             for key in keys:
@@ -115,7 +120,7 @@ class ColocatedReader:
                     out.append(None)
                     continue
                 try:
-                    out.append(record.unpack(stored, verify=self.verify)[0])
+                    out.append(record.unpack(stored, verify=verify)[0])
                 except Corrupt:
                     self.corrupt += 1
                     log.warning("corrupt record %s in %s", key.hex(), self.path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import record
 from .errors import Corrupt
@@ -33,6 +33,17 @@ class LocalStore:
             except Corrupt:
                 out.append(None)
         return out
+
+    def read_into(self, keys: Sequence[bytes], sink: Callable[[int, memoryview], None], verify: bool = True) -> list[bool]:
+        """sink(index, payload view) for each stored key, inside its read transaction (the
+        storage engine always verifies; `verify` is accepted for the Client's signature)."""
+        found = []
+        for i, key in enumerate(keys):
+            try:
+                found.append(self.storage.read_with(key, lambda view, _digest, i=i: sink(i, view) or True) is not None)
+            except Corrupt:
+                found.append(False)
+        return found
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         return self.storage.exists(list(keys))

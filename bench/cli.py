@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--model", default="smollm2")
     ld.add_argument("--device", default="cpu")
     ld.add_argument("--dtype", default="float32")
+    ld.add_argument("--lengths", default=None, help="load-time lengths (default 256,1024,4096,16384)")
+    ld.add_argument("--reuse-lengths", default=None, help="prefill vs reuse lengths (default 512,2048,8192)")
+    ld.add_argument("--repeats", type=int, default=None, help="timed runs, best kept (default 3)")
 
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
@@ -120,20 +123,41 @@ def _run_reuse(args) -> None:
 def _run_load(args) -> None:
     from . import load
 
-    quick = dict(lengths=(256, 1024, 4096), reuse_lengths=(512,), repeats=2) if args.quick else {}
-    p = load.LoadParams(model=args.model, device=args.device, dtype=args.dtype, **quick)
+    opts = dict(lengths=(256, 1024, 4096), reuse_lengths=(512,), repeats=2) if args.quick else {}
+    ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+    if args.lengths:
+        opts["lengths"] = ints(args.lengths)
+    if args.reuse_lengths:
+        opts["reuse_lengths"] = ints(args.reuse_lengths)
+    if args.repeats:
+        opts["repeats"] = args.repeats
+    p = load.LoadParams(model=args.model, device=args.device, dtype=args.dtype, **opts)
     write_report(load.run(p, progress=not args.no_progress), args.out)
 
 
 def _run_all(args) -> None:
     base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
-    for argv in (["transport"], ["topology"], ["reuse"], ["economics", "--from", args.out]):
+    for argv in (["transport"], ["topology"], ["reuse"], ["load"], ["economics", "--from", args.out]):
         t0 = time.perf_counter()
         if argv[0] == "reuse":
             _reuse_with_fallback(args.model, base)
+        elif argv[0] == "load":
+            _load_with_fallback(args.model, base)
         else:
             main([*argv, *base])
         print(f"kvbench: {argv[0]} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+
+def _load_with_fallback(model: str | None, base: list[str]) -> None:
+    from inference.models import ModelUnavailable
+
+    try:
+        main(["load", "--model", model or "smollm2", *base])
+    except ModelUnavailable as exc:
+        if model:
+            raise
+        print(f"kvbench: smollm2 unavailable ({exc}); load runs on tiny-qwen3", file=sys.stderr)
+        main(["load", "--model", "tiny-qwen3", *base])
 
 
 def _reuse_with_fallback(model: str | None, base: list[str]) -> None:

@@ -127,14 +127,14 @@ def prefix_cache(keys: list[torch.Tensor], values: list[torch.Tensor], tokens: i
     """
     if not tokens:
         return DynamicCache(config=config)
-    cache = DynamicCache(config=config)
-    for layer, k, v in zip(cache.layers, keys, values):
-        k, v = k[:, :, :tokens], v[:, :, :tokens]
-        if type(layer) is DynamicLayer:
-            layer.update(k[:, :, :0], v[:, :, :0])  # initialises dtype and device, copies nothing
-            layer.keys, layer.values = k, v
-        else:
-            layer.update(k, v)
+    # KVLayout.of admits full-attention models only, whose cache is one DynamicLayer per layer.
+    # Building those directly skips DynamicCache(config=...)'s config walk (~2 ms a request).
+    cache = DynamicCache()
+    for k, v in zip(keys, values):
+        layer = DynamicLayer()
+        layer.dtype, layer.device, layer.is_initialized = k.dtype, k.device, True
+        layer.keys, layer.values = k[:, :, :tokens], v[:, :, :tokens]
+        cache.layers.append(layer)
     return cache
 
 

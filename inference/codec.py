@@ -10,6 +10,7 @@ u64 | 12 reserved bytes. The header size is a multiple of 16, so element data st
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 import warnings
@@ -33,6 +34,9 @@ DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _PLANE_COUNT = struct.Struct("<I")
 _PLANE_SIZE = struct.Struct("<Q")
+
+# store views are read-only and torch warns about that on every frombuffer: we only ever read them
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian raw memory
     raise ImportError("inference.codec needs a little-endian host")
@@ -91,7 +95,7 @@ def parse_header(record: bytes | memoryview) -> RecordHeader:
     if len(view) - HEADER_SIZE != stored_length:
         raise RecordError("corrupt", f"payload is {len(view) - HEADER_SIZE} bytes, header says {stored_length}")
     dtype = DTYPES[dtype_code]
-    if shape[0] != 2 or raw_length != int(np.prod(shape)) * _itemsize(dtype):
+    if shape[0] != 2 or raw_length != math.prod(shape) * _ITEMSIZE[dtype]:
         raise RecordError("bad_header", f"shape {shape} does not match raw length {raw_length}")
     return RecordHeader(dtype, codec, layer, shape, raw_length, stored_length, checksum)
 
@@ -125,16 +129,17 @@ def decode_into(
     if header.shape != expected:
         raise RecordError("shape_mismatch", f"record shape {header.shape}, model needs {expected}")
     raw = raw_payload(record, header, verify)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we only ever read them
-        both = torch.frombuffer(raw, dtype=header.dtype).view(header.shape)
+    both = torch.frombuffer(raw, dtype=header.dtype).view(header.shape)
     dest_keys.copy_(both[0])
     dest_values.copy_(both[1])
     return header
 
 
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_CODES}
+
+
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return _ITEMSIZE[dtype]
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -81,6 +82,7 @@ class CachedGenerator:
         codec: str = "none",
         publish: bool = True,
         prefix_loader: Callable[..., LoadedPrefix] | None = None,
+        verify_loads: bool = True,
     ) -> None:
         """`prefix_loader(client, plan, layout, config, max_tokens=)` fetches the cached prefix:
         by default the fast path (fastload.load_prefix_fast) for clients that can hand out
@@ -94,8 +96,10 @@ class CachedGenerator:
         self.block_size = block_size
         self.codec = codec
         self.publish = publish
-        if prefix_loader is None:
-            prefix_loader = load_prefix_fast if hasattr(client, "read_into") else load_prefix
+        if prefix_loader is None and hasattr(client, "read_into"):
+            prefix_loader = functools.partial(load_prefix_fast, verify=verify_loads)
+        elif prefix_loader is None:
+            prefix_loader = load_prefix
         self.prefix_loader = prefix_loader
         self.layout = KVLayout.of(model)
         self.fingerprint = fingerprint(model, tokenizer)

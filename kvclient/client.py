@@ -139,7 +139,7 @@ class Client:
         return results
 
     @staticmethod
-    def _by_rank(orders: Sequence[list[str]], pending: Iterable[int], rank: int) -> dict[str, list[int]]:
+    def _by_rank(orders, pending: Iterable[int], rank: int) -> dict[str, list[int]]:
         """Group keys by their `rank`-th replica (orders fixed once per call)."""
         work: dict[str, list[int]] = defaultdict(list)
         for i in pending:
@@ -252,12 +252,40 @@ class Client:
             log.info("read repair of %d records on %s deferred: %s", len(items), node, exc)
             self.hints.add(node, items)
 
+    def _local_groups(self, keys: list[bytes]) -> tuple[dict, dict[str, list[int]], list[bool]]:
+        """(readers, key indices per co-located node, whether every owner of each key is local)."""
+        readers = {node: self.reader(node) for node in self.ring.nodes} if self.colocated else {}
+        local: dict[str, list[int]] = defaultdict(list)
+        all_local = [False] * len(keys)
+        if not any(readers.values()):
+            return readers, local, all_local
+        owner_of: dict[bytes, tuple[str | None, bool]] = {}  # a block's layer records share a position
+        for i, key in enumerate(keys):
+            spot = key[:8]
+            if spot not in owner_of:
+                owners = self.ring.owners(key, self.replication)
+                node = next((n for n in owners if readers.get(n) is not None), None)
+                owner_of[spot] = (node, all(readers.get(n) is not None for n in owners))
+            node, all_local[i] = owner_of[spot]
+            if node is not None:
+                local[node].append(i)
+        return readers, local, all_local
+
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which keys are stored. Co-located replicas answer from their map (no RPC on the hot
+        path); their nodes still get the Lookup in the background, which keeps LRU recency."""
         self.refresh()
         keys = list(keys)
         present = [False] * len(keys)
-        pending = list(range(len(keys)))
-        orders = [self.replicas(k, i) for i, k in enumerate(keys)]
+        readers, local, all_local = self._local_groups(keys)
+        for node, idx in local.items():
+            for i, p in zip(idx, readers[node].contains([keys[i] for i in idx])):
+                present[i] = p
+            hits = [keys[i] for i in idx if present[i]]
+            if hits:
+                self._pool.submit(self._touch, node, hits)
+        pending = [i for i in range(len(keys)) if not present[i] and not all_local[i]]
+        orders = {i: self.replicas(keys[i], i) for i in pending}
         for rank in range(self.replication):
             if not pending:
                 break
@@ -269,6 +297,12 @@ class Client:
                         present[i] = present[i] or p
             pending = [i for i in pending if not present[i]]
         return present
+
+    def _touch(self, node: str, keys: list[bytes]) -> None:
+        try:
+            self.conn(node).lookup(keys, self.timeout)
+        except KVCacheError as exc:
+            log.debug("recency touch on %s failed: %s", node, exc)
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         """Length of the longest prefix of `keys` that is stored (the cached prefix)."""
@@ -315,18 +349,12 @@ class Client:
         co-located path only, for payloads that carry (and the sink checks) their own.
         Returns which keys were found.
         """
+        self.refresh()
         keys = list(keys)
         found = [False] * len(keys)
-        local: dict[str, list[int]] = defaultdict(list)
-        for i, key in enumerate(keys):
-            for node in self.ring.owners(key, self.replication):
-                if self.reader(node) is not None:
-                    local[node].append(i)
-                    break
+        readers, local, _ = self._local_groups(keys)
         for node, idx in local.items():
-            reader = self._readers.get(node)
-            if reader is None:
-                continue
+            reader = readers[node]
             with reader.views([keys[i] for i in idx], verify=verify and self.verify_colocated) as views:
                 for i, view in zip(idx, views):
                     if view is not None:

@@ -104,6 +104,10 @@ class ColocatedReader:
             self.env.set_mapsize(0)  # the node grew its map: adopt the size now in the file
             return self.env.begin(db=self.db, buffers=True)
 
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._begin() as txn:
+            return [txn.get(self.key_prefix + key) is not None for key in keys]
+
     @contextmanager
     def views(self, keys: Sequence[bytes], verify: bool | None = None) -> Iterator[list[memoryview | None]]:
         """Verified payload views of `keys` (None: missing or corrupt), valid inside the block.

@@ -11,10 +11,7 @@ co-located path (gRPC still checks its own in transit).
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -84,39 +81,14 @@ class _Staging:
         torch.cuda.current_stream().wait_stream(self.stream)
 
 
-_COPIERS: dict[int, ThreadPoolExecutor] = {}  # one pool per size, for the life of the process
-_COPIERS_LOCK = threading.Lock()
-
-
-def _copier(threads: int) -> ThreadPoolExecutor:
-    with _COPIERS_LOCK:
-        if threads not in _COPIERS:
-            _COPIERS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="kv-copy")
-        return _COPIERS[threads]
-
-
-def default_copy_threads(device: torch.device) -> int:
-    """Parallel copies pay where host memory bandwidth outruns one core (a GPU host); on a small
-    CPU box torch's own intra-op threads already use every core."""
-    return min(8, (os.cpu_count() or 1) // 2) if device.type == "cuda" else 0
-
-
 def load_prefix_fast(
-    client,
-    plan: PrefixPlan,
-    layout: KVLayout,
-    config,
-    max_tokens: int | None = None,
-    verify: bool = True,
-    copy_threads: int | None = None,
+    client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None, verify: bool = True
 ) -> LoadedPrefix:
     """Like ``blocks.load_prefix``, through ``client.read_into`` (co-located map or gRPC).
 
     `verify=False` trusts the co-located node's copy (it verified every record on receipt) and
     skips hashing on the hot path: on a GPU host the hash costs as much as the whole load.
-    Records fetched over gRPC are still verified in transit either way. With `copy_threads`
-    (default: `default_copy_threads`), records are copied by a pool of threads (torch releases
-    the GIL while copying), finished before the client closes its read transaction.
+    Records fetched over gRPC are still verified in transit either way.
     """
     reasons: Counter = Counter()
     lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
@@ -137,63 +109,29 @@ def load_prefix_fast(
     order = [(layer, s) for layer in range(n_layers) for s in range(len(segments))]
     store_keys = [record_key(segments[s][0], layer) for layer, s in order]
 
-    threads = default_copy_threads(layout.device) if copy_threads is None else copy_threads
-    deferred = threads > 0 and getattr(client, "supports_before_release", False)
-    jobs: list[Future] = []
-    lock = threading.Lock()
-
-    def done(layer: int, s: int, failure: str | None, size: int) -> None:
-        nonlocal nbytes
-        with lock:
-            if failure is not None:
-                seg_failed.setdefault(s, failure)
-            else:
-                nbytes += size
-            pending[layer].remaining -= 1
-            ready = staging is not None and pending[layer].remaining == 0
-        if ready:
-            staging.ship(layer, keys_t[layer], vals_t[layer])
-
-    def copy(view: memoryview, header, dest_k: torch.Tensor, dest_v: torch.Tensor, layer: int, s: int) -> None:
-        try:
-            decode_into(view, dest_k, dest_v, header, verify)
-        except RecordError as exc:
-            done(layer, s, exc.reason, 0)
-            return
-        done(layer, s, None, len(view))
-
     def sink(index: int, view: memoryview) -> None:
+        nonlocal nbytes
         layer, s = order[index]
         _, start, count = segments[s]
         try:
             header = parse_header(view)
             if header.layer != layer:
                 raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
+            if staging is not None:
+                staged = staging.buffer_for(layer)
+                decode_into(view, staged[0, :, start : start + count], staged[1, :, start : start + count], header, verify)
+            else:
+                dest = (keys_t[layer][0, :, start : start + count], vals_t[layer][0, :, start : start + count])
+                decode_into(view, *dest, header, verify)
+            nbytes += len(view)
         except RecordError as exc:
-            done(layer, s, exc.reason, 0)
-            return
-        if staging is not None:
-            staged = staging.buffer_for(layer)
-            dest = (staged[0, :, start : start + count], staged[1, :, start : start + count])
-        else:
-            dest = (keys_t[layer][0, :, start : start + count], vals_t[layer][0, :, start : start + count])
-        if deferred:
-            jobs.append(_copier(threads).submit(copy, view, header, *dest, layer, s))
-        else:
-            copy(view, header, *dest, layer, s)
-
-    def drain() -> None:  # the views die with the read transaction: every copy ends first
-        for job in jobs:
-            job.result()
-        jobs.clear()
+            seg_failed.setdefault(s, exc.reason)
+        pending[layer].remaining -= 1
+        if staging is not None and pending[layer].remaining == 0:
+            staging.ship(layer, keys_t[layer], vals_t[layer])
 
     try:
-        if not store_keys:
-            found = []
-        elif deferred:
-            found = client.read_into(store_keys, sink, verify=False, before_release=drain)
-        else:
-            found = client.read_into(store_keys, sink, verify=False)
+        found = client.read_into(store_keys, sink, verify=False) if store_keys else []
     except Exception as exc:  # a store failure is a miss, never a failed request
         log.warning("fetching KV blocks failed: %s", exc)
         reasons["store_error"] += 1

@@ -339,22 +339,15 @@ class Client:
             return None
         return reader
 
-    supports_before_release = True  # read_into takes before_release (deferred sinks)
-
     def read_into(
-        self,
-        keys: Sequence[bytes],
-        sink: Callable[[int, memoryview], None],
-        verify: bool = True,
-        before_release: Callable[[], None] | None = None,
+        self, keys: Sequence[bytes], sink: Callable[[int, memoryview], None], verify: bool = True
     ) -> list[bool]:
         """Call sink(index, payload view) for each stored key; views die when sink returns.
 
         Keys with a co-located replica are read straight from its memory map (no copy before
         the sink's); the rest come over gRPC. `verify=False` skips the record checksum on the
-        co-located path only, for payloads that carry (and the sink checks) their own. A sink
-        may hand views to other threads: `before_release()` runs before each read transaction
-        ends and must wait for them. Returns which keys were found.
+        co-located path only, for payloads that carry (and the sink checks) their own.
+        Returns which keys were found.
         """
         self.refresh()
         keys = list(keys)
@@ -363,26 +356,17 @@ class Client:
         for node, idx in local.items():
             reader = readers[node]
             with reader.views([keys[i] for i in idx], verify=verify and self.verify_colocated) as views:
-                try:
-                    for i, view in zip(idx, views):
-                        if view is not None:
-                            sink(i, view)
-                            found[i] = True
-                finally:
-                    if before_release is not None:
-                        before_release()
+                for i, view in zip(idx, views):
+                    if view is not None:
+                        sink(i, view)
+                        found[i] = True
         self.reads["colocated"] += sum(found)
         rest = [i for i in range(len(keys)) if not found[i]]
         if rest:
-            values = self._get_many_grpc([keys[i] for i in rest])
-            try:
-                for i, value in zip(rest, values):
-                    if value is not None:
-                        sink(i, memoryview(value))
-                        found[i] = True
-            finally:
-                if before_release is not None:
-                    before_release()
+            for i, value in zip(rest, self._get_many_grpc([keys[i] for i in rest])):
+                if value is not None:
+                    sink(i, memoryview(value))
+                    found[i] = True
             self.reads["grpc"] += len(rest)
         return found
 

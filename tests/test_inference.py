@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import pytest
@@ -17,11 +16,7 @@ from tests.conftest_models import (  # noqa: F401  (fixtures)
 )
 
 
-@pytest.mark.parametrize(
-    "loader",
-    [load_prefix, load_prefix_fast, functools.partial(load_prefix_fast, copy_threads=2, verify=False)],
-    ids=["blockwise", "fast", "fast-threaded-unverified"],
-)
+@pytest.mark.parametrize("loader", [load_prefix, load_prefix_fast], ids=["blockwise", "fast"])
 @pytest.mark.parametrize("name,dtype", MODELS, ids=MODEL_IDS)
 def test_loaded_cache_equals_fresh_prefill_bitwise(name, dtype, store, loader) -> None:
     model = tiny(name, dtype)

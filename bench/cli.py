@@ -139,38 +139,24 @@ def _run_all(args) -> None:
     base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
     for argv in (["transport"], ["topology"], ["reuse"], ["load"], ["economics", "--from", args.out]):
         t0 = time.perf_counter()
-        if argv[0] == "reuse":
-            _reuse_with_fallback(args.model, base)
-        elif argv[0] == "load":
-            _load_with_fallback(args.model, base)
+        if argv[0] in ("reuse", "load"):
+            _with_model_fallback(argv[0], args.model, base)
         else:
             main([*argv, *base])
         print(f"kvbench: {argv[0]} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
-def _load_with_fallback(model: str | None, base: list[str]) -> None:
-    from inference.models import ModelUnavailable
-
-    try:
-        main(["load", "--model", model or "smollm2", *base])
-    except ModelUnavailable as exc:
-        if model:
-            raise
-        print(f"kvbench: smollm2 unavailable ({exc}); load runs on tiny-qwen3", file=sys.stderr)
-        main(["load", "--model", "tiny-qwen3", *base])
-
-
-def _reuse_with_fallback(model: str | None, base: list[str]) -> None:
+def _with_model_fallback(scenario: str, model: str | None, base: list[str]) -> None:
     """SmolLM2 unless another model is named; the tiny random model if SmolLM2 is not installed."""
     from inference.models import ModelUnavailable
 
     try:
-        main(["reuse", "--model", model or "smollm2", *base])
+        main([scenario, "--model", model or "smollm2", *base])
     except ModelUnavailable as exc:
         if model:
             raise
-        print(f"kvbench: smollm2 unavailable ({exc}); reuse runs on tiny-qwen3", file=sys.stderr)
-        main(["reuse", "--model", "tiny-qwen3", *base])
+        print(f"kvbench: smollm2 unavailable ({exc}); {scenario} runs on tiny-qwen3", file=sys.stderr)
+        main([scenario, "--model", "tiny-qwen3", *base])
 
 
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         first = generator.generate(ids, args.max_new_tokens, do_sample=False)
         generator.flush()  # the write-behind publish of the first answer's blocks
         second = generator.generate(ids, args.max_new_tokens, do_sample=False)
+        paths = dict(client.reads)
 
     reuse = second.fetch_seconds + second.prefill_seconds
     per_token = generator.layout.bytes_per_token
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"2nd ask: {second.cached_tokens} tokens from the store in {second.fetch_seconds:.3f} s "
           f"({second.fetched_bytes / 1e6:.1f} MB), prefilled {second.prefilled_tokens}, "
           f"first token after {reuse:.3f} s")
+    print(f"read path: {paths['colocated']} records from the nodes' LMDB maps (co-located), "
+          f"{paths['grpc']} over gRPC")
     print(f"speedup to first token: {first.prefill_seconds / reuse:.1f}x")
     print(f"KV size: {per_token * ids.shape[1] / 1e6:.1f} MB for {ids.shape[1]} tokens ({per_token} bytes/token)")
     print(f"answer: {decode_tokens(tokenizer, second.new_tokens).strip()}")

@@ -1,14 +1,44 @@
-"""A throwaway cluster inside this process: N kvstore nodes on loopback, temp LMDB dirs, one Client."""
+"""A throwaway cluster on loopback: N `kvstore serve` processes, temp LMDB dirs, one Client.
+
+The nodes run in their own processes, as in production: a client on the same host then reads
+their LMDB maps directly (the co-located fast path), which a node inside this very process would
+forbid (LMDB allows one environment per process).
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from typing import Any
 
 from kvclient import Client
-from kvstore.config import ServerConfig
-from kvstore.server import Node, build_node
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _NodeProcess:
+    def __init__(self, data_dir: str, map_size_gb: float, node_id: str) -> None:
+        argv = [sys.executable, "-m", "kvstore.cli", "serve", "--listen", "127.0.0.1:0", "--data", data_dir,
+                "--map-size-gb", str(map_size_gb), "--no-sync", "--node-id", node_id, "--log-level", "WARNING"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()  # the node prints its address once it is serving
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"kvstore node did not start (exit code {self.proc.poll()})")
+        self.address = line.split()[-1]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
 
 class EmbeddedCluster:
@@ -20,23 +50,19 @@ class EmbeddedCluster:
         self.size = nodes
         self.replication = replication
         self.map_size_gb = map_size_gb
-        self.nodes: list[Node] = []
+        self.nodes: list[_NodeProcess] = []
         self.client: Client | None = None
         self._dir: str | None = None
 
     @property
     def addresses(self) -> list[str]:
-        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+        return [node.address for node in self.nodes]
 
     def start(self) -> Client:
         self._dir = tempfile.mkdtemp(prefix="kvinfer-")
         try:
             for i in range(self.size):
-                config = ServerConfig(
-                    listen="127.0.0.1:0", data_dir=f"{self._dir}/node{i}", map_size_gb=self.map_size_gb,
-                    sync=False, node_id=f"embedded-{i}",
-                )
-                self.nodes.append(build_node(config))
+                self.nodes.append(_NodeProcess(f"{self._dir}/node{i}", self.map_size_gb, f"embedded-{i}"))
             self.client = Client(self.addresses, replication=self.replication)
         except BaseException:
             self.stop()
@@ -48,7 +74,7 @@ class EmbeddedCluster:
             self.client.close()
             self.client = None
         for node in self.nodes:
-            node.stop(0)
+            node.stop()
         self.nodes = []
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

@@ -27,7 +27,7 @@ def generate() -> None:
         f"--python_out={_ROOT}",
         f"--grpc_python_out={_ROOT}",
         f"--pyi_out={_ROOT}",
-        f"kvclient/_pb/kvcache/v1/kvcache.proto",
+        "kvclient/_pb/kvcache/v1/kvcache.proto",
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {_PROTO}")

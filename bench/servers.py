@@ -13,6 +13,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvstore.process import stop_process
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 _PORT_LINE = re.compile(r"(?:PORT |listening on \S*:)(\d+)")
@@ -62,13 +64,7 @@ class ServerProcess:
                 return int(match.group(1))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         atexit.unregister(self.stop)
 
     def __enter__(self) -> "ServerProcess":

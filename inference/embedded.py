@@ -15,6 +15,7 @@ import tempfile
 from typing import Any
 
 from kvclient import Client
+from kvstore.process import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,13 +33,7 @@ class _NodeProcess:
         self.address = line.split()[-1]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 class EmbeddedCluster:

@@ -242,18 +242,9 @@ class Storage:
         self.evictor.touch(tenant, [key])
         return result
 
-    def read_chunks(self, key: bytes, chunk_size: int, tenant: bytes = b"") -> tuple[bytes, list[bytes]] | None:
-        """(digest, payload chunks) of a verified record, None if missing; Corrupt if damaged."""
-
-        def copy_out(payload: memoryview, digest: bytes) -> tuple[bytes, list[bytes]]:
-            chunks = [bytes(payload[i : i + chunk_size]) for i in range(0, len(payload), chunk_size)]
-            return digest, chunks or [b""]
-
-        return self.read_with(key, copy_out, tenant)
-
     def get(self, key: bytes, tenant: bytes = b"") -> bytes | None:
-        found = self.read_chunks(key, 1 << 62, tenant)
-        return found[1][0] if found else None
+        """A verified record's payload (copied out), None if missing; Corrupt if damaged."""
+        return self.read_with(key, lambda payload, _digest: bytes(payload), tenant)
 
     def scan(self, prefix: bytes, start_after: bytes, limit: int) -> list[bytes]:
         """Up to `limit` keys under `prefix`, in order, strictly after `start_after`."""

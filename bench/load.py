@@ -20,6 +20,7 @@ from kvclient import Client
 from kvclient.keys import namespace
 
 from .report import Report, Table
+from .reuse import measure_rows, sync
 from .servers import kvstore_node
 
 
@@ -42,22 +43,17 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def memcpy_gbps(nbytes: int, device: torch.device, repeats: int) -> float:
     """Host memory into the destination (a warm host tensor, or the device from pinned memory),
     the ceiling any load path can reach."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda").random_()
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst.copy_(src)
-    _sync(device)
+    sync(device)
 
     def copy():
         dst.copy_(src)
-        _sync(device)
+        sync(device)
 
     return nbytes / _best(copy, repeats) / 1e9
 
@@ -86,7 +82,7 @@ def time_load(client: Client, plan, layout, config, repeats: int, verify: bool =
 
     def load():
         prefix = load_prefix_fast(client, plan, layout, config, verify=verify)
-        _sync(layout.device)
+        sync(layout.device)
         result["p"] = prefix
 
     seconds = _best(load, repeats)
@@ -110,7 +106,7 @@ def run(p: LoadParams, progress: bool = True) -> Report:
         address = f"127.0.0.1:{node.port}"
         with Client([address], replication=1, colocated=True) as colo, \
                 Client([address], replication=1, colocated=False) as grpc_client:
-            bar = tqdm(total=len(p.lengths) + len(p.reuse_lengths), disable=not progress, desc="load")
+            bar = tqdm(total=len(p.lengths) + 4 * len(p.reuse_lengths), disable=not progress, desc="load")
             for n in p.lengths:
                 plan = store_synthetic(grpc_client, layout, n, seed=n)
                 colo_s, nbytes = time_load(colo, plan, layout, model.config, p.repeats)
@@ -125,7 +121,8 @@ def run(p: LoadParams, progress: bool = True) -> Report:
                 raise RuntimeError("the co-located path did not attach: the load figures would be gRPC's")
             biggest = load_rows[-1]
             memcpy = memcpy_gbps(biggest["bytes"], device, p.repeats)
-            rows = reuse_rows(model, tokenizer, colo, grpc_client, p, bar)
+            variants = {"colocated": (colo, True), "colocated-unverified": (colo, False), "grpc": (grpc_client, True)}
+            rows = measure_rows(model, tokenizer, variants, p.reuse_lengths, p.repeats, bar.update)
             bar.close()
     per_token = [r["colocated_us_per_token"] for r in load_rows]
     spread = max(per_token) / min(per_token) - 1  # 0 = perfectly linear
@@ -155,49 +152,6 @@ def run(p: LoadParams, progress: bool = True) -> Report:
     ]
     return Report("load", p.__dict__, figures, table, notes, plot=lambda fig: _plot(fig, load_rows),
                   title=f"KV load paths — {p.model} on {device}")
-
-
-def _prompt(tokenizer, n: int, vocab: int) -> torch.Tensor:
-    if tokenizer is not None:
-        from inference.demo import DOCUMENT_PATH
-
-        text = open(DOCUMENT_PATH).read()
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-        while ids.numel() < n:
-            ids = torch.cat([ids, ids])
-        return ids[:n].unsqueeze(0)
-    gen = torch.Generator().manual_seed(n)
-    return torch.randint(0, vocab, (1, n), generator=gen)
-
-
-def reuse_rows(model, tokenizer, colo: Client, grpc_client: Client, p: LoadParams, bar) -> list[dict]:
-    """Prefill vs reuse per length and path: a cold request publishes, warm ones are timed."""
-    from inference import CachedGenerator
-
-    device = next(model.parameters()).device
-    rows = []
-    for n in p.reuse_lengths:
-        ids = _prompt(tokenizer, n, model.config.vocab_size).to(device)
-        cold = CachedGenerator(model, colo, tokenizer)
-        prefill = [cold.generate(ids, 1, do_sample=False) for _ in range(max(1, p.repeats - 1))]
-        cold.flush()
-        # a cold request on an empty namespace gives the prefill time: use a salt per repeat
-        cold_times = []
-        for r in range(p.repeats):
-            fresh = CachedGenerator(model, colo, tokenizer, tenant_salt=f"cold-{n}-{r}".encode(), publish=False)
-            cold_times.append(fresh.generate(ids, 1, do_sample=False).time_to_first_token)
-        prefill_s = min(cold_times)
-        for name, client, verify in (("colocated", colo, True), ("colocated-unverified", colo, False),
-                                     ("grpc", grpc_client, True)):
-            gen = CachedGenerator(model, client, tokenizer, publish=False, verify_loads=verify)
-            warm = [gen.generate(ids, 1, do_sample=False) for _ in range(p.repeats)]
-            best = min(warm, key=lambda r: r.time_to_first_token)
-            rows.append({"tokens": n, "transport": name, "prefill_seconds": prefill_s,
-                         "reuse_seconds": best.time_to_first_token, "ratio": prefill_s / best.time_to_first_token,
-                         "fetch_seconds": best.fetch_seconds, "cached_tokens": best.cached_tokens,
-                         "exact": bool(torch.equal(best.new_tokens.cpu(), prefill[0].new_tokens.cpu()))})
-        bar.update()
-    return rows
 
 
 def _plot(fig, load_rows: list[dict]) -> None:

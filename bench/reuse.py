@@ -34,7 +34,7 @@ class ReuseParams:
     threads: int | None = 1  # torch CPU threads; None = torch's default
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     import torch
 
     if getattr(device, "type", str(device)).startswith("cuda"):
@@ -43,10 +43,10 @@ def _sync(device) -> None:
 
 def _timed(gen, ids, device) -> tuple[float, object]:
     """Wall time of a 1-token generate: fetch + prefill of the uncached rest + first token."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     result = gen.generate(ids, 1, do_sample=False)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, result
 
 
@@ -73,7 +73,7 @@ def _clients(transports, tmp: str):
 def measure(p: ReuseParams, progress: bool = True) -> tuple[list[dict], dict]:
     import torch
 
-    from inference import CachedGenerator, KVLayout
+    from inference import KVLayout
     from inference.models import load_model
 
     unknown = set(p.transports) - set(TRANSPORTS)
@@ -88,43 +88,59 @@ def measure(p: ReuseParams, progress: bool = True) -> tuple[list[dict], dict]:
             "torch_threads": torch.get_num_threads(),
             "model_config": {k: getattr(model.config, k, None) for k in
                              ("num_hidden_layers", "num_key_value_heads", "head_dim", "hidden_size")}}
-    rows = []
     steps = len(p.lengths) * (1 + len(p.transports))
     with tempfile.TemporaryDirectory(prefix="kvbench-reuse-") as tmp, _clients(p.transports, tmp) as clients, \
             tqdm(total=steps, desc="reuse", disable=not progress, leave=False) as bar:
-        first = clients[p.transports[0]]
-
-        def timed_miss(ids, salt: str) -> tuple[float, object]:
-            with CachedGenerator(model, first, tokenizer, tenant_salt=salt.encode(), publish=False) as gen:
-                return _timed(gen, ids, device)
-
-        rng = torch.Generator().manual_seed(0)
-        timed_miss(torch.randint(0, model.config.vocab_size, (1, 64), generator=rng).to(device), "warm-up")
-        for n in p.lengths:
-            ids = torch.randint(0, model.config.vocab_size, (1, n), generator=rng).to(device)
-            # prefill: a miss on a fresh tenant each time, so nothing is cached
-            cold = [timed_miss(ids, f"cold-{n}-{r}") for r in range(p.repeats)]
-            prefill_s = statistics.median(t for t, _ in cold)
-            reference = cold[0][1].new_tokens.cpu()
-            bar.update()
-            for name in p.transports:
-                salt = f"reuse-{name}".encode()
-                with CachedGenerator(model, clients[name], tokenizer, tenant_salt=salt) as writer:
-                    writer.generate(ids, 1, do_sample=False)
-                    writer.flush()
-                with CachedGenerator(model, clients[name], tokenizer, tenant_salt=salt, publish=False) as reader:
-                    warm_runs = [_timed(reader, ids, device) for _ in range(p.repeats)]
-                reuse_s = statistics.median(t for t, _ in warm_runs)
-                last = warm_runs[-1][1]
-                rows.append({
-                    "tokens": n, "transport": name, "prefill_seconds": prefill_s, "reuse_seconds": reuse_s,
-                    "ratio": prefill_s / reuse_s, "n_star": ec.break_even_reuses(prefill_s / reuse_s),
-                    "cached_tokens": last.cached_tokens, "fetch_seconds": last.fetch_seconds,
-                    "rest_prefill_seconds": last.prefill_seconds, "fetched_bytes": last.fetched_bytes,
-                    "exact_first_token": bool(torch.equal(last.new_tokens.cpu(), reference)),
-                })
-                bar.update()
+        variants = {name: (clients[name], True) for name in p.transports}
+        rows = measure_rows(model, tokenizer, variants, p.lengths, p.repeats, bar.update)
     return rows, info
+
+
+def measure_rows(model, tokenizer, variants: dict, lengths, repeats: int, tick=lambda: None) -> list[dict]:
+    """Prefill vs reuse per length for each variant `name -> (client, verify_loads)`.
+
+    Prefill is a miss on a fresh tenant each run; reuse is timed after one request published
+    the prefix. Medians of `repeats` runs. The first variant's store serves the misses.
+    """
+    import torch
+
+    from inference import CachedGenerator
+
+    device = next(model.parameters()).device
+    first = next(iter(variants.values()))[0]
+
+    def timed_miss(ids, salt: str) -> tuple[float, object]:
+        with CachedGenerator(model, first, tokenizer, tenant_salt=salt.encode(), publish=False) as gen:
+            return _timed(gen, ids, device)
+
+    rows = []
+    rng = torch.Generator().manual_seed(0)
+    timed_miss(torch.randint(0, model.config.vocab_size, (1, 64), generator=rng).to(device), "warm-up")
+    for n in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=rng).to(device)
+        cold = [timed_miss(ids, f"cold-{n}-{r}") for r in range(repeats)]
+        prefill_s = statistics.median(t for t, _ in cold)
+        reference = cold[0][1].new_tokens.cpu()
+        tick()
+        for name, (client, verify) in variants.items():
+            salt = f"reuse-{name}".encode()
+            with CachedGenerator(model, client, tokenizer, tenant_salt=salt) as writer:
+                writer.generate(ids, 1, do_sample=False)
+                writer.flush()
+            with CachedGenerator(model, client, tokenizer, tenant_salt=salt, publish=False,
+                                 verify_loads=verify) as reader:
+                warm_runs = [_timed(reader, ids, device) for _ in range(repeats)]
+            reuse_s = statistics.median(t for t, _ in warm_runs)
+            last = warm_runs[-1][1]
+            rows.append({
+                "tokens": n, "transport": name, "prefill_seconds": prefill_s, "reuse_seconds": reuse_s,
+                "ratio": prefill_s / reuse_s, "n_star": ec.break_even_reuses(prefill_s / reuse_s),
+                "cached_tokens": last.cached_tokens, "fetch_seconds": last.fetch_seconds,
+                "rest_prefill_seconds": last.prefill_seconds, "fetched_bytes": last.fetched_bytes,
+                "exact_first_token": bool(torch.equal(last.new_tokens.cpu(), reference)),
+            })
+            tick()
+    return rows
 
 
 def report(p: ReuseParams, rows: list[dict], info: dict) -> Report:

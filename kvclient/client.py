@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from . import record
 from .cluster import ClusterSpec, parse_nodes
 from .colocated import ColocatedReader
 from .colocated_reads import ColocatedReads
@@ -289,7 +290,7 @@ class Client(ColocatedReads):
     def lookup(self, keys: Sequence[bytes]) -> int:
         """Length of the longest prefix of `keys` that is stored (the cached prefix)."""
         present = self.exists(keys)
-        return next((i for i, p in enumerate(present) if not p), len(present))
+        return record.prefix_length(present)
 
     def stat(self) -> dict[str, dict]:
         out: dict[str, dict] = {}

@@ -23,9 +23,7 @@ from .errors import Corrupt, KVCacheError
 
 log = logging.getLogger(__name__)
 
-DATA_DB = b"data"
-META_DB = b"meta"
-ENV_TOKEN = b"env_token"
+DATA_DB, META_DB, ENV_TOKEN = record.DATA_DB, record.META_DB, record.ENV_TOKEN
 
 
 def host_id() -> str:

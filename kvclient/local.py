@@ -50,7 +50,7 @@ class LocalStore:
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         present = self.exists(keys)
-        return next((i for i, p in enumerate(present) if not p), len(present))
+        return record.prefix_length(present)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         return self.storage.delete(keys)

@@ -12,6 +12,12 @@ import xxhash
 
 from .errors import Corrupt
 
+# The node's LMDB layout, shared with co-located readers: named databases and the meta key that
+# identifies an environment (the co-located path checks it against the node's LocalInfo).
+DATA_DB = b"data"
+META_DB = b"meta"
+ENV_TOKEN = b"env_token"
+
 MAGIC = b"KVR1"
 VERSION = 1
 HEADER = struct.Struct("<4sHHQ16s")
@@ -41,3 +47,8 @@ def unpack(stored: bytes | memoryview, verify: bool = True) -> tuple[memoryview,
     if verify and checksum(payload) != digest:
         raise Corrupt("record checksum mismatch")
     return payload, digest
+
+
+def prefix_length(present) -> int:
+    """How many entries from the start are all true: the length of a cached prefix."""
+    return next((i for i, p in enumerate(present) if not p), len(present))

@@ -153,7 +153,7 @@ class KVCacheServicer:
         request = parse(pb.LookupRequest, raw)
         check_keys(request.keys)
         present = self.storage.exists(list(request.keys), prefix)
-        run = next((i for i, p in enumerate(present) if not p), len(present))
+        run = record.prefix_length(present)
         return pb.LookupResponse(present=present, prefix_length=run)
 
     def delete(self, raw: bytes, context: grpc.ServicerContext) -> pb.DeleteResponse:

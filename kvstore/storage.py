@@ -33,9 +33,7 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-DATA_DB = b"data"
-META_DB = b"meta"
-ENV_TOKEN = b"env_token"
+DATA_DB, META_DB, ENV_TOKEN = record.DATA_DB, record.META_DB, record.ENV_TOKEN
 LEDGER_VERSION = b"ledger_version"
 DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError)  # what a flipped bit in a page raises
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from kvclient.keys import block_keys, record_key, tail_key
 
 from .codec import RecordError, decode_into, encode, parse_header
+from .kvbuffers import KVBuffers
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +79,33 @@ def plan_prefix(namespace: bytes, tokens: Sequence[int], block_size: int) -> Pre
 
 @dataclass
 class LoadedPrefix:
-    cache: DynamicCache
+    cache: DynamicCache  # of ReservedLayers over `buffers`
     tokens: int  # tokens of KV in `cache`
     blocks: int  # full blocks that loaded
     tail: bool  # whether the tail loaded too
     bytes: int
     reasons: Counter = field(default_factory=Counter)
+    buffers: KVBuffers | None = None
 
 
-def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None) -> LoadedPrefix:
-    """Fetch the longest cached prefix of `plan` into a DynamicCache (at most `max_tokens` of it)."""
+def target_buffers(layout: KVLayout, tokens: int, buffers: KVBuffers | None) -> KVBuffers:
+    """`buffers` if given (they must hold `tokens`), else new ones of exactly that size."""
+    if buffers is None:
+        return KVBuffers(layout, tokens)
+    if buffers.capacity < tokens:
+        raise ValueError(f"KV buffers hold {buffers.capacity} tokens, the prefix needs {tokens}")
+    return buffers
+
+
+def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None,
+                buffers: KVBuffers | None = None) -> LoadedPrefix:
+    """Fetch the longest cached prefix of `plan` (at most `max_tokens` of it) into `buffers`
+    (sized to the stored prefix if not given); one block at a time, over any client."""
     reasons: Counter = Counter()
     lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
     segments = _available_segments(client, plan, lookup_reasons)
     total = sum(count for _, _, count in segments)
-    shape = (1, layout.kv_heads, total, layout.head_dim)
-    keys = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
-    values = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
+    buffers = target_buffers(layout, total, buffers)
     loaded = nbytes = blocks = 0
     tail = False
     tail_start = len(plan.block_keys) * plan.block_size
@@ -105,7 +116,7 @@ def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: 
             log.warning("fetching KV block failed: %s", exc)
             reasons["store_error"] += 1
             break
-        reason = _decode_segment(records, keys, values, start, count)
+        reason = _decode_segment(records, buffers, start, count)
         if reason is not None:
             reasons[reason] += 1
             break
@@ -116,26 +127,7 @@ def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: 
     if loaded == total:
         reasons.update(lookup_reasons)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    return LoadedPrefix(prefix_cache(keys, values, usable, config), usable, blocks, tail, nbytes, reasons)
-
-
-def prefix_cache(keys: list[torch.Tensor], values: list[torch.Tensor], tokens: int, config) -> DynamicCache:
-    """A DynamicCache over the first `tokens` positions of per-layer [1, kv_heads, T, head_dim] tensors.
-
-    Full-attention layers adopt the tensors as they are: `DynamicCache(ddp_cache_data=...)` would
-    copy every layer once more, since its `update` concatenates onto an empty tensor.
-    """
-    if not tokens:
-        return DynamicCache(config=config)
-    # KVLayout.of admits full-attention models only, whose cache is one DynamicLayer per layer.
-    # Building those directly skips DynamicCache(config=...)'s config walk (~2 ms a request).
-    cache = DynamicCache()
-    for k, v in zip(keys, values):
-        layer = DynamicLayer()
-        layer.dtype, layer.device, layer.is_initialized = k.dtype, k.device, True
-        layer.keys, layer.values = k[:, :, :tokens], v[:, :, :tokens]
-        cache.layers.append(layer)
-    return cache
+    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, nbytes, reasons, buffers)
 
 
 def _available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tuple[bytes, int, int]]:
@@ -156,7 +148,7 @@ def _available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tupl
     return segments  # the tail is probed by fetching it
 
 
-def _decode_segment(records: list, keys: list, values: list, start: int, count: int) -> str | None:
+def _decode_segment(records: list, buffers: KVBuffers, start: int, count: int) -> str | None:
     """Decode one block's layer records into the preallocated tensors; the miss reason if unusable."""
     if records[0] is None:
         return "absent"
@@ -167,8 +159,7 @@ def _decode_segment(records: list, keys: list, values: list, start: int, count: 
             header = parse_header(record)
             if header.layer != layer:
                 raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
-            dest = (slice(None), slice(start, start + count))
-            decode_into(record, keys[layer][0][dest], values[layer][0][dest], header)
+            decode_into(record, buffers.span(layer, start, count), header)
         except RecordError as exc:
             log.warning("unusable KV record (layer %d): %s", layer, exc)
             return exc.reason

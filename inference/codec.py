@@ -113,25 +113,22 @@ def raw_payload(record: bytes | memoryview, header: RecordHeader, verify: bool =
 
 def decode_into(
     record: bytes | memoryview,
-    dest_keys: torch.Tensor,
-    dest_values: torch.Tensor,
+    dest: torch.Tensor,
     header: RecordHeader | None = None,
     verify: bool = True,
 ) -> RecordHeader:
-    """Decode a record into preallocated [kv_heads, tokens, head_dim] slices (any device, any strides).
+    """Decode a record into a preallocated [2, kv_heads, tokens, head_dim] slot (K at [0], V at
+    [1]; any device, any strides).
 
     Zero-copy until the destination: the payload is viewed with torch.frombuffer and copied once.
     """
     header = header or parse_header(record)
-    expected = (2, *dest_keys.shape)
-    if header.dtype != dest_keys.dtype:
-        raise RecordError("dtype_mismatch", f"record dtype {header.dtype}, model needs {dest_keys.dtype}")
-    if header.shape != expected:
-        raise RecordError("shape_mismatch", f"record shape {header.shape}, model needs {expected}")
+    if header.dtype != dest.dtype:
+        raise RecordError("dtype_mismatch", f"record dtype {header.dtype}, model needs {dest.dtype}")
+    if header.shape != tuple(dest.shape):
+        raise RecordError("shape_mismatch", f"record shape {header.shape}, model needs {tuple(dest.shape)}")
     raw = raw_payload(record, header, verify)
-    both = torch.frombuffer(raw, dtype=header.dtype).view(header.shape)
-    dest_keys.copy_(both[0])
-    dest_values.copy_(both[1])
+    dest.copy_(torch.frombuffer(raw, dtype=header.dtype).view(header.shape))
     return header
 
 

@@ -18,8 +18,9 @@ import torch
 
 from kvclient.keys import record_key
 
-from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments, prefix_cache
+from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments, target_buffers
 from .codec import RecordError, decode_into, parse_header
+from .kvbuffers import KVBuffers
 
 log = logging.getLogger(__name__)
 STAGING_BUFFERS = 4
@@ -64,14 +65,13 @@ class _Staging:
             self.slot_of[layer] = slot
         return self.buffers[self.slot_of[layer]]
 
-    def ship(self, layer: int, dest_k: torch.Tensor, dest_v: torch.Tensor) -> None:
+    def ship(self, layer: int, dest: torch.Tensor) -> None:
         slot = self.slot_of.pop(layer, None)
         if slot is None:  # no record of this layer arrived
             return
         staged = self.buffers[slot]
         with torch.cuda.stream(self.stream):
-            dest_k[0].copy_(staged[0], non_blocking=True)
-            dest_v[0].copy_(staged[1], non_blocking=True)
+            dest.copy_(staged, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.events[slot] = event
@@ -82,7 +82,8 @@ class _Staging:
 
 
 def load_prefix_fast(
-    client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None, verify: bool = True
+    client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None, verify: bool = True,
+    buffers: KVBuffers | None = None,
 ) -> LoadedPrefix:
     """Like ``blocks.load_prefix``, through ``client.read_into`` (co-located map or gRPC).
 
@@ -95,11 +96,7 @@ def load_prefix_fast(
     segments = _available_segments(client, plan, lookup_reasons)
     total = sum(count for _, _, count in segments)
     n_layers = layout.num_layers
-    shape = (1, layout.kv_heads, total, layout.head_dim)
-    # per-layer tensors, not one big one: glibc serves blocks under its mmap threshold from memory
-    # freed by earlier requests, where one huge block is a fresh mapping paid for in page faults
-    keys_t = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(n_layers)]
-    vals_t = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(n_layers)]
+    buffers = target_buffers(layout, total, buffers)
     on_cuda = layout.device.type == "cuda" and total > 0
     staging = _Staging((2, layout.kv_heads, total, layout.head_dim), layout.dtype, layout.device) if on_cuda else None
     pending = [_Pending(len(segments)) for _ in range(n_layers)]
@@ -118,17 +115,16 @@ def load_prefix_fast(
             if header.layer != layer:
                 raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
             if staging is not None:
-                staged = staging.buffer_for(layer)
-                decode_into(view, staged[0, :, start : start + count], staged[1, :, start : start + count], header, verify)
+                dest = staging.buffer_for(layer)[:, :, start : start + count]
             else:
-                dest = (keys_t[layer][0, :, start : start + count], vals_t[layer][0, :, start : start + count])
-                decode_into(view, *dest, header, verify)
+                dest = buffers.span(layer, start, count)
+            decode_into(view, dest, header, verify)
             nbytes += len(view)
         except RecordError as exc:
             seg_failed.setdefault(s, exc.reason)
         pending[layer].remaining -= 1
         if staging is not None and pending[layer].remaining == 0:
-            staging.ship(layer, keys_t[layer], vals_t[layer])
+            staging.ship(layer, buffers.span(layer, 0, total))
 
     try:
         found = client.read_into(store_keys, sink, verify=False) if store_keys else []
@@ -143,7 +139,7 @@ def load_prefix_fast(
             if staging is not None and pending[layer].remaining > 0:
                 pending[layer].remaining -= 1
                 if pending[layer].remaining == 0:
-                    staging.ship(layer, keys_t[layer], vals_t[layer])
+                    staging.ship(layer, buffers.span(layer, 0, total))
     if staging is not None:
         staging.finish()
     usable_segments = min(seg_failed) if seg_failed else len(segments)
@@ -156,4 +152,4 @@ def load_prefix_fast(
     tail = any(start >= tail_start for _, start, _ in segments[:usable_segments])
     blocks = usable_segments - int(tail)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    return LoadedPrefix(prefix_cache(keys_t, vals_t, usable, config), usable, blocks, tail, nbytes, reasons)
+    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, nbytes, reasons, buffers)

@@ -21,6 +21,7 @@ from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, load_pre
 from .codec import CODECS
 from .fastload import load_prefix_fast
 from .fingerprint import fingerprint
+from .kvbuffers import KVArena
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,14 @@ class CachedGenerator:
         publish: bool = True,
         prefix_loader: Callable[..., LoadedPrefix] | None = None,
         verify_loads: bool = True,
+        kv_pool_bytes: int = 4 << 30,
     ) -> None:
-        """`prefix_loader(client, plan, layout, config, max_tokens=)` fetches the cached prefix:
-        by default the fast path (fastload.load_prefix_fast) for clients that can hand out
-        record views (`read_into`), else blocks.load_prefix."""
+        """`prefix_loader(client, plan, layout, config, max_tokens=, buffers=)` fetches the cached
+        prefix into `buffers`: by default the fast path (fastload.load_prefix_fast) for clients
+        that can hand out record views (`read_into`), else blocks.load_prefix.
+
+        Each request's KV lives in buffers sized for prompt + new tokens; up to `kv_pool_bytes`
+        of them are kept warm for the next request (0: a fresh allocation every time)."""
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         if codec not in CODECS:
@@ -102,6 +107,7 @@ class CachedGenerator:
             prefix_loader = load_prefix
         self.prefix_loader = prefix_loader
         self.layout = KVLayout.of(model)
+        self.arena = KVArena(self.layout, keep=1, max_bytes=kv_pool_bytes)
         self.fingerprint = fingerprint(model, tokenizer)
         self.namespace = namespace(self.fingerprint, tenant_salt)
         self.stats: Counter = Counter()
@@ -130,7 +136,21 @@ class CachedGenerator:
         plan = self.plan(tokens)
 
         started = time.perf_counter()
-        prefix = self.prefix_loader(self.client, plan, self.layout, self.model.config, max_tokens=len(tokens) - 1)
+        buffers = self.arena.take(len(tokens) + min(max(0, max_new_tokens), 4096))  # past that it grows
+        try:
+            result = self._generate(ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs)
+        except BaseException:
+            self.arena.give(buffers)
+            raise
+        if result.published is None:
+            self.arena.give(buffers)
+        else:  # the write-behind reads the cache: the buffers go back once it is done
+            result.published.add_done_callback(lambda _: self.arena.give(buffers))
+        return result
+
+    def _generate(self, ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs) -> GenerationResult:
+        prefix = self.prefix_loader(self.client, plan, self.layout, self.model.config, max_tokens=len(tokens) - 1,
+                                    buffers=buffers)
         fetch_seconds = time.perf_counter() - started
 
         clock = FirstTokenClock(generate_kwargs.pop("streamer", None))

@@ -39,7 +39,7 @@ def test_codec_roundtrip_is_lossless(dtype, codec, heads, tokens, head_dim, seed
     header = parse_header(record)
     assert (header.layer, header.shape, header.dtype) == (3, (2, heads, tokens, head_dim), dtype)
     dest = torch.zeros(2, 1, heads, tokens + 4, head_dim, dtype=dtype)
-    decode_into(record, dest[0, 0, :, 2 : 2 + tokens], dest[1, 0, :, 2 : 2 + tokens])
+    decode_into(record, dest[:, 0, :, 2 : 2 + tokens])
     assert torch.equal(dest[0, 0, :, 2 : 2 + tokens].view(torch.uint8), k.view(torch.uint8))
     assert torch.equal(dest[1, 0, :, 2 : 2 + tokens].view(torch.uint8), v.view(torch.uint8))
     assert not dest[:, :, :, :2].any() and not dest[:, :, :, 2 + tokens :].any()
@@ -52,21 +52,21 @@ def _record(codec: str = "none") -> bytes:
 @pytest.mark.parametrize("codec", ["none", "zstd-byteplane"])
 def test_codec_detects_damage(codec: str) -> None:
     record = bytearray(_record(codec))
-    dest = torch.empty(2, 3, 4), torch.empty(2, 3, 4)
+    dest = torch.empty(2, 2, 3, 4)
     record[-1] ^= 0x40
     with pytest.raises(RecordError) as err:
-        decode_into(bytes(record), *dest)
+        decode_into(bytes(record), dest)
     assert err.value.reason == "corrupt"
     for damaged, reason in [(b"XXXX" + bytes(record[4:]), "bad_header"), (bytes(record[:-3]), "corrupt"),
                             (bytes(record[:10]), "bad_header")]:
         with pytest.raises(RecordError) as err:
-            decode_into(damaged, *dest)
+            decode_into(damaged, dest)
         assert err.value.reason == reason
     with pytest.raises(RecordError) as err:
-        decode_into(_record(codec), torch.empty(2, 3, 4, dtype=torch.bfloat16), torch.empty(2, 3, 4, dtype=torch.bfloat16))
+        decode_into(_record(codec), torch.empty(2, 2, 3, 4, dtype=torch.bfloat16))
     assert err.value.reason == "dtype_mismatch"
     with pytest.raises(RecordError) as err:
-        decode_into(_record(codec), torch.empty(2, 2, 4), torch.empty(2, 2, 4))
+        decode_into(_record(codec), torch.empty(2, 2, 2, 4))
     assert err.value.reason == "shape_mismatch"
 
 

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--lengths", default=None, help="load-time lengths (default 256,1024,4096,16384)")
     ld.add_argument("--reuse-lengths", default=None, help="prefill vs reuse lengths (default 512,2048,8192)")
     ld.add_argument("--repeats", type=int, default=None, help="timed runs, best kept (default 3)")
+    ld.add_argument("--threads", default=None, help="torch threads of the reuse rows, comma-separated (default 1,2)")
 
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
@@ -131,6 +132,8 @@ def _run_load(args) -> None:
         opts["reuse_lengths"] = ints(args.reuse_lengths)
     if args.repeats:
         opts["repeats"] = args.repeats
+    if args.threads:
+        opts["threads"] = ints(args.threads)
     p = load.LoadParams(model=args.model, device=args.device, dtype=args.dtype, **opts)
     write_report(load.run(p, progress=not args.no_progress), args.out)
 

@@ -3,7 +3,12 @@
 Measures memcpy bandwidth (the ceiling), the co-located path (a same-host node's LMDB map straight
 into KV tensors) and gRPC, on the same synthetic KV records laid out for a real model; then the
 load time per token from short to long prompts (it must grow linearly); then prefill vs reuse
-(fetch + prefill of the rest + first token) for the real model over both paths.
+(fetch + prefill of the rest + first token) for the real model over both paths, at one and
+at two torch threads (side by side: a one-token step is memory-bound and barely gains from a
+second core, a prefill nearly doubles).
+
+Loads go into one set of warm KV buffers, as CachedGenerator's pool hands them out; the
+per-token figures are the best of enough runs that every length gets about the same time.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class LoadParams:
     lengths: tuple[int, ...] = (256, 1024, 4096, 16384)  # load-time linearity
     reuse_lengths: tuple[int, ...] = (512, 2048, 8192)
     repeats: int = 3
+    threads: tuple[int, ...] = (1, 2)  # torch CPU threads of the reuse rows
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -75,13 +81,14 @@ def store_synthetic(writer: Client, layout, tokens: int, seed: int):
     return plan
 
 
-def time_load(client: Client, plan, layout, config, repeats: int, verify: bool = True) -> tuple[float, int]:
+def time_load(client: Client, plan, layout, buffers, repeats: int, verify: bool = True) -> tuple[float, int]:
     from inference.fastload import load_prefix_fast
 
     result = {}
+    repeats = max(repeats, repeats * 4096 // max(1, plan.num_tokens))  # short loads: more runs, same time
 
     def load():
-        prefix = load_prefix_fast(client, plan, layout, config, verify=verify)
+        prefix = load_prefix_fast(client, plan, layout, verify=verify, buffers=buffers)
         sync(layout.device)
         result["p"] = prefix
 
@@ -94,6 +101,7 @@ def time_load(client: Client, plan, layout, config, repeats: int, verify: bool =
 
 def run(p: LoadParams, progress: bool = True) -> Report:
     from inference.blocks import KVLayout
+    from inference.kvbuffers import KVBuffers
     from inference.models import load_model
 
     dtype = getattr(torch, p.dtype)
@@ -106,12 +114,14 @@ def run(p: LoadParams, progress: bool = True) -> Report:
         address = f"127.0.0.1:{node.port}"
         with Client([address], replication=1, colocated=True) as colo, \
                 Client([address], replication=1, colocated=False) as grpc_client:
-            bar = tqdm(total=len(p.lengths) + 4 * len(p.reuse_lengths), disable=not progress, desc="load")
+            bar = tqdm(total=len(p.lengths) + 5 * len(p.reuse_lengths) * len(p.threads), disable=not progress,
+                       desc="load")
+            buffers = KVBuffers(layout, max(p.lengths))
             for n in p.lengths:
                 plan = store_synthetic(grpc_client, layout, n, seed=n)
-                colo_s, nbytes = time_load(colo, plan, layout, model.config, p.repeats)
-                trust_s, _ = time_load(colo, plan, layout, model.config, p.repeats, verify=False)
-                grpc_s, _ = time_load(grpc_client, plan, layout, model.config, max(1, p.repeats - 1))
+                colo_s, nbytes = time_load(colo, plan, layout, buffers, p.repeats)
+                trust_s, _ = time_load(colo, plan, layout, buffers, p.repeats, verify=False)
+                grpc_s, _ = time_load(grpc_client, plan, layout, buffers, max(1, p.repeats - 1))
                 load_rows.append({"tokens": n, "bytes": nbytes, "colocated_seconds": colo_s, "grpc_seconds": grpc_s,
                                   "colocated_unverified_seconds": trust_s,
                                   "colocated_us_per_token": colo_s / n * 1e6, "grpc_us_per_token": grpc_s / n * 1e6,
@@ -119,10 +129,18 @@ def run(p: LoadParams, progress: bool = True) -> Report:
                 bar.update()
             if colo.reader(address) is None:
                 raise RuntimeError("the co-located path did not attach: the load figures would be gRPC's")
+            del buffers
             biggest = load_rows[-1]
             memcpy = memcpy_gbps(biggest["bytes"], device, p.repeats)
-            variants = {"colocated": (colo, True), "colocated-unverified": (colo, False), "grpc": (grpc_client, True)}
-            rows = measure_rows(model, tokenizer, variants, p.reuse_lengths, p.repeats, bar.update)
+            variants = {"colocated": (colo, {}), "colocated-unverified": (colo, {"verify_loads": False}),
+                        "colocated-pipelined": (colo, {"pipeline_loads": True}), "grpc": (grpc_client, {})}
+            before = torch.get_num_threads()
+            try:
+                for threads in p.threads:
+                    torch.set_num_threads(threads)
+                    rows += measure_rows(model, tokenizer, variants, p.reuse_lengths, p.repeats, bar.update)
+            finally:
+                torch.set_num_threads(before)
             bar.close()
     per_token = [r["colocated_us_per_token"] for r in load_rows]
     spread = max(per_token) / min(per_token) - 1  # 0 = perfectly linear
@@ -138,9 +156,9 @@ def run(p: LoadParams, progress: bool = True) -> Report:
     }
     figures["colocated_over_memcpy"] = figures["colocated_gbps"] / memcpy
     figures["colocated_unverified_over_memcpy"] = figures["colocated_unverified_gbps"] / memcpy
-    table = Table(["tokens", "transport", "prefill s", "reuse s", "ratio", "cached", "fetch s"],
-                  [[r["tokens"], r["transport"], r["prefill_seconds"], r["reuse_seconds"], r["ratio"],
-                    r["cached_tokens"], r["fetch_seconds"]] for r in rows])
+    table = Table(["tokens", "threads", "transport", "prefill s", "reuse s", "ratio", "cached", "load s"],
+                  [[r["tokens"], r["torch_threads"], r["transport"], r["prefill_seconds"], r["reuse_seconds"],
+                    r["ratio"], r["cached_tokens"], r["load_seconds"]] for r in rows])
     notes = [
         f"memcpy {memcpy:.2f} GB/s, co-located {figures['colocated_gbps']:.2f} GB/s "
         f"({figures['colocated_over_memcpy']:.2f} of memcpy; without the per-read hash "
@@ -149,6 +167,9 @@ def run(p: LoadParams, progress: bool = True) -> Report:
         f"at {biggest['tokens']} tokens ({biggest['bytes'] / 1e6:.0f} MB) on {device}.",
         "load time per token (co-located), µs: " + ", ".join(
             f"{r['tokens']}: {r['colocated_us_per_token']:.2f}" for r in load_rows) + f" (spread {spread:.1%}).",
+        "reuse = a 1-token generate with the prefix cached (load + the last prompt token + first token); "
+        "pipelined = the forward starts while later layers are still loading; median of "
+        f"{p.repeats} runs; load s = the whole load, start to end.",
     ]
     return Report("load", p.__dict__, figures, table, notes, plot=lambda fig: _plot(fig, load_rows),
                   title=f"KV load paths — {p.model} on {device}")

@@ -91,13 +91,13 @@ def measure(p: ReuseParams, progress: bool = True) -> tuple[list[dict], dict]:
     steps = len(p.lengths) * (1 + len(p.transports))
     with tempfile.TemporaryDirectory(prefix="kvbench-reuse-") as tmp, _clients(p.transports, tmp) as clients, \
             tqdm(total=steps, desc="reuse", disable=not progress, leave=False) as bar:
-        variants = {name: (clients[name], True) for name in p.transports}
+        variants = {name: (clients[name], {}) for name in p.transports}
         rows = measure_rows(model, tokenizer, variants, p.lengths, p.repeats, bar.update)
     return rows, info
 
 
 def measure_rows(model, tokenizer, variants: dict, lengths, repeats: int, tick=lambda: None) -> list[dict]:
-    """Prefill vs reuse per length for each variant `name -> (client, verify_loads)`.
+    """Prefill vs reuse per length for each variant `name -> (client, CachedGenerator options)`.
 
     Prefill is a miss on a fresh tenant each run; reuse is timed after one request published
     the prefix. Medians of `repeats` runs. The first variant's store serves the misses.
@@ -122,20 +122,21 @@ def measure_rows(model, tokenizer, variants: dict, lengths, repeats: int, tick=l
         prefill_s = statistics.median(t for t, _ in cold)
         reference = cold[0][1].new_tokens.cpu()
         tick()
-        for name, (client, verify) in variants.items():
+        for name, (client, options) in variants.items():
             salt = f"reuse-{name}".encode()
             with CachedGenerator(model, client, tokenizer, tenant_salt=salt) as writer:
                 writer.generate(ids, 1, do_sample=False)
                 writer.flush()
-            with CachedGenerator(model, client, tokenizer, tenant_salt=salt, publish=False,
-                                 verify_loads=verify) as reader:
+            with CachedGenerator(model, client, tokenizer, tenant_salt=salt, publish=False, **options) as reader:
                 warm_runs = [_timed(reader, ids, device) for _ in range(repeats)]
             reuse_s = statistics.median(t for t, _ in warm_runs)
             last = warm_runs[-1][1]
             rows.append({
-                "tokens": n, "transport": name, "prefill_seconds": prefill_s, "reuse_seconds": reuse_s,
+                "tokens": n, "transport": name, "torch_threads": torch.get_num_threads(),
+                "prefill_seconds": prefill_s, "reuse_seconds": reuse_s,
                 "ratio": prefill_s / reuse_s, "n_star": ec.break_even_reuses(prefill_s / reuse_s),
                 "cached_tokens": last.cached_tokens, "fetch_seconds": last.fetch_seconds,
+                "load_seconds": last.load_seconds,
                 "rest_prefill_seconds": last.prefill_seconds, "fetched_bytes": last.fetched_bytes,
                 "exact_first_token": bool(torch.equal(last.new_tokens.cpu(), reference)),
             })

@@ -7,8 +7,10 @@ reuse at its block: the prefix before it is used, the rest is prefilled, and the
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +88,18 @@ class LoadedPrefix:
     bytes: int
     reasons: Counter = field(default_factory=Counter)
     buffers: KVBuffers | None = None
+    seconds: float = 0.0  # wall time of the load, lookup included
+    pending: Future | None = None  # a background load still running (fastload, background=True)
+
+    def settle(self) -> "LoadedPrefix":
+        """The finished load (waiting for a background one). Its cache is this one's, which a
+        forward may have extended, unless a failed record made the usable prefix shorter."""
+        if self.pending is None:
+            return self
+        final = self.pending.result()
+        if final.tokens == self.tokens:
+            final.cache = self.cache
+        return final
 
 
 def target_buffers(layout: KVLayout, tokens: int, buffers: KVBuffers | None) -> KVBuffers:
@@ -101,6 +115,7 @@ def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: 
                 buffers: KVBuffers | None = None) -> LoadedPrefix:
     """Fetch the longest cached prefix of `plan` (at most `max_tokens` of it) into `buffers`
     (sized to the stored prefix if not given); one block at a time, over any client."""
+    started = time.perf_counter()
     reasons: Counter = Counter()
     lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
     segments = _available_segments(client, plan, lookup_reasons)
@@ -127,7 +142,8 @@ def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: 
     if loaded == total:
         reasons.update(lookup_reasons)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, nbytes, reasons, buffers)
+    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, nbytes, reasons, buffers,
+                        seconds=time.perf_counter() - started)
 
 
 def _available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tuple[bytes, int, int]]:

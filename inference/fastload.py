@@ -1,150 +1,261 @@
-"""The fast load path: the cached prefix straight from the store into the model's KV tensors.
+"""The fast load path: the cached prefix straight from the store into the model's KV buffers.
 
-Records are read layer-major with ``client.read_into``, so a co-located node's records arrive as
-views of its LMDB map and are copied exactly once: into the destination tensor on the CPU, or
-into a pinned staging buffer whose host-to-device copy runs asynchronously while the next layer
-is being copied (on CUDA). The bytes are hashed once: the KV codec's checksum (which covers them
-from encode to decode) is checked, and the store's envelope checksum is skipped on the
-co-located path (gRPC still checks its own in transit).
+Records are read layer-major with ``client.read_into``: a co-located node's records arrive as
+views of its LMDB map, in one batch per read transaction, and each is copied exactly once, into
+its slot of the KV buffers on the CPU, or of a pinned staging buffer whose host-to-device copy
+runs on a side stream as soon as its layer is complete (CUDA). Copies (and checksums) run on a
+few threads: numpy's copy and XXH3 release the GIL, and hashing a record just before copying it
+means the copy reads it from cache. The bytes are hashed once, by the KV codec's checksum;
+`verify=False` skips even that for a trusted co-located node.
+
+With ``background=True`` the load runs behind the forward: the cache's layers wait for their
+own records only, so layer 0 computes while later layers are still arriving. A record that
+fails after the forward started raises ``PrefixShortened`` before any token is produced; the
+caller reruns on the shorter prefix (``LoadedPrefix.settle()``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
+import xxhash
 
 from kvclient.keys import record_key
 
 from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments, target_buffers
-from .codec import RecordError, decode_into, parse_header
+from .codec import CODEC_NONE, DTYPE_CODES, HEADER, HEADER_SIZE, MAGIC, VERSION, RecordError, decode_into, parse_header
 from .kvbuffers import KVBuffers
 
 log = logging.getLogger(__name__)
-STAGING_BUFFERS = 4
+COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+_FIXED = HEADER_SIZE - 20  # header bytes fixed by (dtype, layer, shape): all before the checksum
+_pool = ThreadPoolExecutor(max_workers=COPY_THREADS + 1, thread_name_prefix="kv-load")
 
 
-@dataclass
-class _Pending:
-    """Per-layer bookkeeping while records arrive."""
-
-    remaining: int
-    failed: str | None = None
+class PrefixShortened(RuntimeError):
+    """A record of the prefix failed while the forward was already using it."""
 
 
-class _Staging:
-    """Pinned host buffers feeding asynchronous host-to-device copies, one per layer in flight.
+class _Load:
+    """One prefix load: copy jobs, per-layer completion, failures, and the CUDA hand-off."""
 
-    Records normally arrive layer by layer, so a few buffers cycle; a layer still waiting for a
-    record (one that came over gRPC, say) keeps its buffer and another one is allocated.
-    """
+    def __init__(self, segments, layout: KVLayout, buffers: KVBuffers, verify: bool, threads: int,
+                 background: bool) -> None:
+        self.segments, self.layout, self.buffers = segments, layout, buffers
+        self.verify, self.threads = verify, threads
+        self.total = sum(count for _, _, count in segments)
+        n_layers = layout.num_layers
+        self.order = [(layer, s) for layer in range(n_layers) for s in range(len(segments))]
+        self.remaining = [len(segments)] * n_layers
+        self.layer_done = [threading.Event() for _ in range(n_layers)] if background else None
+        self.failed: dict[int, str] = {}  # segment -> why it is unusable
+        self.nbytes = 0
+        self.lock = threading.Lock()
+        self.heads: dict[tuple[int, int], bytes] = {}
+        itemsize = layout.dtype.itemsize
+        self.on_cuda = layout.device.type == "cuda"
+        if self.on_cuda:  # pinned staging per layer (torch's host allocator caches and reuses them)
+            shape = (2, layout.kv_heads, self.total, layout.head_dim)
+            self.staged = [torch.empty(shape, dtype=layout.dtype, pin_memory=True) for _ in range(n_layers)]
+            self.targets = [t.view(torch.uint8).numpy() for t in self.staged]
+            self.stream = _side_stream(layout.device)
+            self.shipped: list[torch.cuda.Event | None] = [None] * n_layers
+        else:
+            self.targets = buffers.bytes_views()
+        self.row_bytes = layout.head_dim * itemsize
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.shape, self.dtype = shape, dtype
-        self.buffers: list[torch.Tensor] = []
-        self.events: list[torch.cuda.Event | None] = []
-        self.owner: list[int | None] = []
-        self.stream = torch.cuda.Stream(device=device)
-        self.slot_of: dict[int, int] = {}
+    # ---- records -> jobs (the read transaction's thread) --------------------------------
+    def head(self, layer: int, count: int) -> tuple[bytes, int]:
+        """The fixed header bytes and the length of a well-formed uncompressed record."""
+        key = (layer, count)
+        if key not in self.heads:
+            lay = self.layout
+            raw = 2 * lay.kv_heads * count * self.row_bytes
+            fixed = HEADER.pack(MAGIC, VERSION, HEADER_SIZE, DTYPE_CODES[lay.dtype], CODEC_NONE, layer,
+                                2, lay.kv_heads, count, lay.head_dim, raw, raw, 0)[:_FIXED]
+            self.heads[key] = (fixed, HEADER_SIZE + raw)
+        return self.heads[key]
 
-    def buffer_for(self, layer: int) -> torch.Tensor:
-        if layer not in self.slot_of:
-            free = [i for i, o in enumerate(self.owner) if o is None]
-            if free and len(self.owner) >= STAGING_BUFFERS:
-                slot = free[0]
-                if self.events[slot] is not None:
-                    self.events[slot].synchronize()  # its previous layer has left for the device
-            else:
-                self.buffers.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=True))
-                self.events.append(None)
-                self.owner.append(None)
-                slot = len(self.buffers) - 1
-            self.owner[slot] = layer
-            self.slot_of[layer] = slot
-        return self.buffers[self.slot_of[layer]]
+    def jobs(self, batch):
+        """(layer, segment, source bytes, destination, checksum) per record; odd ones decoded here."""
+        for index, view in batch:
+            layer, s = self.order[index]
+            _, start, count = self.segments[s]
+            dest = self.targets[layer][:, :, start : start + count]
+            fixed, length = self.head(layer, count)
+            if len(view) == length and view[:_FIXED] == fixed:  # the common case: one comparison
+                checksum = int.from_bytes(view[_FIXED : _FIXED + 8], "little") if self.verify else None
+                src = np.frombuffer(view, np.uint8, offset=HEADER_SIZE).reshape(dest.shape)
+                yield layer, s, view[HEADER_SIZE:], src, dest, checksum
+            else:  # compressed, or wrong: the codec's own checks name the reason
+                self.decode_odd(layer, s, view, dest)
+                yield layer, s, view, None, None, None
 
-    def ship(self, layer: int, dest: torch.Tensor) -> None:
-        slot = self.slot_of.pop(layer, None)
-        if slot is None:  # no record of this layer arrived
-            return
-        staged = self.buffers[slot]
-        with torch.cuda.stream(self.stream):
-            dest.copy_(staged, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.events[slot] = event
-        self.owner[slot] = None
-
-    def finish(self) -> None:
-        torch.cuda.current_stream().wait_stream(self.stream)
-
-
-def load_prefix_fast(
-    client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None, verify: bool = True,
-    buffers: KVBuffers | None = None,
-) -> LoadedPrefix:
-    """Like ``blocks.load_prefix``, through ``client.read_into`` (co-located map or gRPC).
-
-    `verify=False` trusts the co-located node's copy (it verified every record on receipt) and
-    skips hashing on the hot path: on a GPU host the hash costs as much as the whole load.
-    Records fetched over gRPC are still verified in transit either way.
-    """
-    reasons: Counter = Counter()
-    lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
-    segments = _available_segments(client, plan, lookup_reasons)
-    total = sum(count for _, _, count in segments)
-    n_layers = layout.num_layers
-    buffers = target_buffers(layout, total, buffers)
-    on_cuda = layout.device.type == "cuda" and total > 0
-    staging = _Staging((2, layout.kv_heads, total, layout.head_dim), layout.dtype, layout.device) if on_cuda else None
-    pending = [_Pending(len(segments)) for _ in range(n_layers)]
-    seg_failed: dict[int, str] = {}
-    nbytes = 0
-    # layer-major: layer 0 of every block, then layer 1, ... so each layer completes early
-    order = [(layer, s) for layer in range(n_layers) for s in range(len(segments))]
-    store_keys = [record_key(segments[s][0], layer) for layer, s in order]
-
-    def sink(index: int, view: memoryview) -> None:
-        nonlocal nbytes
-        layer, s = order[index]
-        _, start, count = segments[s]
+    def decode_odd(self, layer: int, s: int, view: memoryview, dest: np.ndarray) -> None:
         try:
             header = parse_header(view)
             if header.layer != layer:
                 raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
-            if staging is not None:
-                dest = staging.buffer_for(layer)[:, :, start : start + count]
-            else:
-                dest = buffers.span(layer, start, count)
-            decode_into(view, dest, header, verify)
-            nbytes += len(view)
+            target = torch.from_numpy(dest).view(self.layout.dtype)
+            decode_into(view, target, header, self.verify)
         except RecordError as exc:
-            seg_failed.setdefault(s, exc.reason)
-        pending[layer].remaining -= 1
-        if staging is not None and pending[layer].remaining == 0:
-            staging.ship(layer, buffers.span(layer, 0, total))
+            self.fail(s, exc.reason)
+        except Exception as exc:  # anything else about a record is damage too, never a crash
+            log.warning("undecodable KV record (layer %d): %s", layer, exc)
+            self.fail(s, "corrupt")
 
-    try:
-        found = client.read_into(store_keys, sink, verify=False) if store_keys else []
-    except Exception as exc:  # a store failure is a miss, never a failed request
-        log.warning("fetching KV blocks failed: %s", exc)
-        reasons["store_error"] += 1
-        found, segments = [], []
-    for i, ok in enumerate(found):
-        if not ok:
-            layer, s = order[i]
-            seg_failed.setdefault(s, "absent" if layer == 0 else "missing_layer")
-            if staging is not None and pending[layer].remaining > 0:
-                pending[layer].remaining -= 1
-                if pending[layer].remaining == 0:
-                    staging.ship(layer, buffers.span(layer, 0, total))
-    if staging is not None:
-        staging.finish()
-    usable_segments = min(seg_failed) if seg_failed else len(segments)
-    if seg_failed:
-        reasons[seg_failed[usable_segments]] += 1
+    def copy(self, job) -> None:
+        layer, s, raw, src, dest, checksum = job
+        if src is not None:
+            if checksum is not None and xxhash.xxh3_64_intdigest(raw) != checksum:
+                self.fail(s, "corrupt")
+            else:
+                np.copyto(dest, src)
+        with self.lock:
+            self.nbytes += len(raw)
+            self.remaining[layer] -= 1
+            complete = self.remaining[layer] == 0
+        if complete:
+            self.complete(layer)
+
+    def sink(self, batch) -> None:
+        """Copy a batch on up to `threads` threads; returns when every job is done (the views
+        die then). Helpers that start late find no job left: the batch never waits for them."""
+        jobs = self.jobs(batch)
+        left = [len(batch)]
+        cond = threading.Condition()
+
+        def work() -> None:
+            while True:
+                with cond:  # the job generator is not thread-safe
+                    job = next(jobs, None)
+                if job is None:
+                    return
+                try:
+                    self.copy(job)
+                finally:
+                    with cond:
+                        left[0] -= 1
+                        if not left[0]:
+                            cond.notify_all()
+
+        for _ in range(min(self.threads, len(batch)) - 1):
+            _pool.submit(work)
+        work()
+        with cond:
+            cond.wait_for(lambda: not left[0])
+
+    # ---- completion ------------------------------------------------------------------------
+    def fail(self, s: int, reason: str) -> None:
+        with self.lock:
+            self.failed.setdefault(s, reason)
+
+    def complete(self, layer: int) -> None:
+        if self.on_cuda:
+            dest = self.buffers.layers[layer][:, 0, :, : self.total]
+            with torch.cuda.device(self.layout.device), torch.cuda.stream(self.stream):
+                dest.copy_(self.staged[layer], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.shipped[layer] = event
+        if self.layer_done is not None:
+            self.layer_done[layer].set()
+
+    def missing(self, found: list[bool]) -> None:
+        for i, ok in enumerate(found):
+            if not ok:
+                layer, s = self.order[i]
+                self.fail(s, "absent" if layer == 0 else "missing_layer")
+                with self.lock:
+                    self.remaining[layer] -= 1
+                    complete = self.remaining[layer] == 0
+                if complete:
+                    self.complete(layer)
+
+    def wait_layer(self, layer: int) -> None:
+        self.layer_done[layer].wait()
+        if self.on_cuda and self.shipped[layer] is not None:
+            torch.cuda.current_stream(self.layout.device).wait_event(self.shipped[layer])
+
+
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device=device)
+    return _streams[device]
+
+
+def load_prefix_fast(
+    client, plan: PrefixPlan, layout: KVLayout, config=None, max_tokens: int | None = None, verify: bool = True,
+    buffers: KVBuffers | None = None, background: bool = False, threads: int = COPY_THREADS,
+) -> LoadedPrefix:
+    """Like ``blocks.load_prefix``, through ``client.read_into`` (co-located map or gRPC).
+
+    `verify=False` trusts the co-located node's copy (it verified every record on receipt) and
+    skips hashing on the hot path. Records fetched over gRPC are verified in transit either way.
+    `background=True` returns as soon as the stored prefix is known, with a cache whose layers
+    wait for their records (see the module notes).
+    """
+    started = time.perf_counter()
+    lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
+    segments = _available_segments(client, plan, lookup_reasons)
+    total = sum(count for _, _, count in segments)
+    buffers = target_buffers(layout, total, buffers)
+    if not total:
+        return LoadedPrefix(buffers.cache(0), 0, 0, False, 0, lookup_reasons, buffers, seconds=time.perf_counter() - started)
+    load = _Load(segments, layout, buffers, verify, threads, background)
+    store_keys = [record_key(segments[s][0], layer) for layer, s in load.order]
+
+    def run() -> LoadedPrefix:
+        try:
+            load.missing(client.read_into(store_keys, load.sink, verify=False))
+        except Exception as exc:  # a store failure is a miss, never a failed request
+            log.warning("fetching KV blocks failed: %s", exc)
+            with load.lock:
+                load.failed[0] = "store_error"
+        finally:
+            for layer in range(layout.num_layers):  # never leave a waiting forward hanging
+                if load.remaining[layer] > 0:
+                    load.remaining[layer] = 0
+                    load.complete(layer)
+        if load.on_cuda and not background:
+            torch.cuda.current_stream(layout.device).wait_stream(load.stream)
+        return _settled(load, plan, buffers, max_tokens, lookup_reasons, started)
+
+    if not background:
+        return run()
+    planned = total if max_tokens is None else min(total, max_tokens)
+    future: Future = _pool.submit(run)
+    last = layout.num_layers - 1
+
+    def ready(layer: int):
+        def wait() -> None:
+            load.wait_layer(layer)
+            if layer == last:
+                future.result()  # every record checked before the last layer computes
+            if load.failed:
+                raise PrefixShortened(f"KV record failed ({sorted(set(load.failed.values()))}) during the forward")
+        return wait
+
+    cache = buffers.cache(planned, ready=[ready(layer) for layer in range(layout.num_layers)])
+    return LoadedPrefix(cache, planned, 0, False, 0, Counter(), buffers, pending=future)
+
+
+def _settled(load: _Load, plan, buffers, max_tokens, lookup_reasons: Counter, started: float) -> LoadedPrefix:
+    segments = load.segments
+    usable_segments = min(load.failed) if load.failed else len(segments)
+    reasons: Counter = Counter()
+    if load.failed:
+        reasons[load.failed[usable_segments]] += 1
     else:
         reasons.update(lookup_reasons)
     loaded = sum(count for _, _, count in segments[:usable_segments])
@@ -152,4 +263,6 @@ def load_prefix_fast(
     tail = any(start >= tail_start for _, start, _ in segments[:usable_segments])
     blocks = usable_segments - int(tail)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, nbytes, reasons, buffers)
+    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, load.nbytes, reasons, buffers,
+                        seconds=time.perf_counter() - started)
+

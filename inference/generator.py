@@ -19,7 +19,7 @@ from kvclient.keys import DEFAULT_BLOCK_SIZE, namespace, record_key
 
 from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, load_prefix, plan_prefix
 from .codec import CODECS
-from .fastload import load_prefix_fast
+from .fastload import PrefixShortened, load_prefix_fast
 from .fingerprint import fingerprint
 from .kvbuffers import KVArena
 
@@ -32,9 +32,10 @@ class GenerationResult:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from the store
     prefilled_tokens: int  # prompt tokens the model computed
-    fetch_seconds: float  # lookup + fetch + decode into the cache
+    fetch_seconds: float  # lookup + fetch + decode into the cache (with pipelined loads: until the forward starts)
     prefill_seconds: float  # time to the first generated token, fetch excluded
     fetched_bytes: int = 0
+    load_seconds: float = 0.0  # the whole load, start to end (overlaps prefill_seconds when pipelined)
     miss_reasons: Counter = field(default_factory=Counter)
     logits: tuple[torch.Tensor, ...] | None = None  # per generated token, if output_logits=True
     published: Future | None = None  # the write-behind of this request's new blocks
@@ -55,11 +56,19 @@ class FirstTokenClock(BaseStreamer):
         self.inner = inner
         self.puts = 0
         self.first_token_at: float | None = None
+        self.prompt_sent = False
+
+    def restart(self) -> None:
+        """generate is run again (its prompt is not passed on a second time)."""
+        self.puts = 0
 
     def put(self, value: torch.Tensor) -> None:
         self.puts += 1
         if self.puts == 2 and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if self.puts == 1 and self.prompt_sent:
+            return
+        self.prompt_sent = True
         if self.inner is not None:
             self.inner.put(value)
 
@@ -85,13 +94,17 @@ class CachedGenerator:
         prefix_loader: Callable[..., LoadedPrefix] | None = None,
         verify_loads: bool = True,
         kv_pool_bytes: int = 4 << 30,
+        pipeline_loads: bool | None = None,
     ) -> None:
         """`prefix_loader(client, plan, layout, config, max_tokens=, buffers=)` fetches the cached
         prefix into `buffers`: by default the fast path (fastload.load_prefix_fast) for clients
         that can hand out record views (`read_into`), else blocks.load_prefix.
 
         Each request's KV lives in buffers sized for prompt + new tokens; up to `kv_pool_bytes`
-        of them are kept warm for the next request (0: a fresh allocation every time)."""
+        of them are kept warm for the next request (0: a fresh allocation every time).
+        `pipeline_loads` starts the forward while the fast path is still loading later layers;
+        by default on for models on an accelerator (host copies overlap the GPU's work), off on
+        the CPU, where loads and the forward contend for the same cores and memory bandwidth."""
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         if codec not in CODECS:
@@ -101,12 +114,14 @@ class CachedGenerator:
         self.block_size = block_size
         self.codec = codec
         self.publish = publish
+        self.layout = KVLayout.of(model)
+        if pipeline_loads is None:
+            pipeline_loads = self.layout.device.type != "cpu"
         if prefix_loader is None and hasattr(client, "read_into"):
-            prefix_loader = functools.partial(load_prefix_fast, verify=verify_loads)
+            prefix_loader = functools.partial(load_prefix_fast, verify=verify_loads, background=pipeline_loads)
         elif prefix_loader is None:
             prefix_loader = load_prefix
         self.prefix_loader = prefix_loader
-        self.layout = KVLayout.of(model)
         self.arena = KVArena(self.layout, keep=1, max_bytes=kv_pool_bytes)
         self.fingerprint = fingerprint(model, tokenizer)
         self.namespace = namespace(self.fingerprint, tenant_salt)
@@ -156,17 +171,19 @@ class CachedGenerator:
         clock = FirstTokenClock(generate_kwargs.pop("streamer", None))
         ids = ids.to(self.layout.device)
         started = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                past_key_values=prefix.cache,
-                use_cache=True,
-                max_new_tokens=max_new_tokens,
-                streamer=clock,
-                return_dict_in_generate=True,
-                **generate_kwargs,
-            )
+        run = functools.partial(self._run_model, ids, max_new_tokens, clock, generate_kwargs)
+        try:
+            try:
+                out = run(prefix.cache)
+            except PrefixShortened as exc:  # a record failed under a running forward: redo on what is usable
+                log.info("%s; generating again on the usable prefix", exc)
+                with self._stats_lock:
+                    self.stats["load_reruns"] += 1
+                prefix = prefix.settle()
+                clock.restart()
+                out = run(prefix.cache)
+        finally:
+            prefix = prefix.settle()  # no load may still write into buffers that go back to the pool
         prefill_seconds = (clock.first_token_at or time.perf_counter()) - started
 
         published = self._publish_new(plan, prefix) if self.publish else None
@@ -179,10 +196,24 @@ class CachedGenerator:
             fetch_seconds=fetch_seconds,
             prefill_seconds=prefill_seconds,
             fetched_bytes=prefix.bytes,
+            load_seconds=prefix.seconds,
             miss_reasons=prefix.reasons,
             logits=getattr(out, "logits", None),
             published=published,
         )
+
+    def _run_model(self, ids, max_new_tokens, clock, generate_kwargs, cache):
+        with torch.inference_mode():
+            return self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=cache,
+                use_cache=True,
+                max_new_tokens=max_new_tokens,
+                streamer=clock,
+                return_dict_in_generate=True,
+                **generate_kwargs,
+            )
 
     def _publish_new(self, plan: PrefixPlan, prefix: LoadedPrefix) -> Future | None:
         """Queue the blocks (and tail) this request computed; each block is one atomic put_many."""

@@ -25,26 +25,41 @@ class ReservedLayer(DynamicLayer):
     """A DynamicLayer over the first `length` positions of [batch, kv_heads, capacity, head_dim]
     buffers: `update` writes the new tokens in place and returns views, no concatenation.
 
+    `keys`/`values` are views made on first use (a cache of 30 layers costs ~0.2 ms of view
+    making otherwise, a tenth of a short load); assigning a tensor to them adopts it as the
+    buffer, so DynamicLayer's own methods (offload, batch reshuffles) keep working.
     `ready`, if given, is called (once) before the first update: a loader still filling this
     layer hands over a wait for it, so the forward can start on earlier layers meanwhile.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int,
                  ready: Callable[[], None] | None = None) -> None:
+        self._bufs = [keys, values]
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.length = length
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._bufs = (keys, values)
         self._ready = ready
-        self._set_length(length)
+
+    def _view(self, i: int) -> torch.Tensor:
+        if self._views is None:
+            self._views = (self._bufs[0].narrow(2, 0, self.length), self._bufs[1].narrow(2, 0, self.length))
+        return self._views[i]
+
+    def _adopt(self, i: int, tensor: torch.Tensor | None) -> None:
+        if tensor is not None:  # None: DynamicLayer clearing; the buffers stay for reuse
+            self._bufs[i] = tensor
+            self.length, self._views = tensor.shape[-2], None
+
+    keys = property(lambda self: self._view(0), lambda self, t: self._adopt(0, t))
+    values = property(lambda self: self._view(1), lambda self, t: self._adopt(1, t))
 
     @property
     def capacity(self) -> int:
         return self._bufs[0].shape[-2]
 
     def _set_length(self, length: int) -> None:
-        self.length = length
-        self.keys = self._bufs[0][:, :, :length]
-        self.values = self._bufs[1][:, :, :length]
+        self.length, self._views = length, None
 
     def wait_ready(self) -> None:
         ready, self._ready = self._ready, None
@@ -65,41 +80,35 @@ class ReservedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, batch: int, needed: int) -> None:
-        old_k, old_v = self._bufs
+        old_k = self._bufs[0]
         shape = (batch, old_k.shape[1], max(needed, 2 * old_k.shape[2]), old_k.shape[3])
         new = [torch.empty(shape, dtype=old_k.dtype, device=old_k.device) for _ in range(2)]
         if batch == old_k.shape[0]:
             new[0][:, :, : self.length].copy_(self.keys)
             new[1][:, :, : self.length].copy_(self.values)
-        self._bufs = (new[0], new[1])
+        self._bufs, self._views = new, None
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
     def reset(self) -> None:
         super().reset()
-        self.length = 0
+        self._set_length(0)
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -`tokens_to_remove` tokens (DynamicLayer's convention); the room stays."""
         self.wait_ready()
-        super().crop(tokens_to_remove)
-        if self.is_initialized and self.keys is not None:
-            self._set_length(self.keys.shape[-2])
-
-    def _adopt_current(self) -> None:
-        """After a batch reshuffle replaced keys/values: they become the buffers (no spare room)."""
-        self._bufs = (self.keys, self.values)
-        self.length = self.keys.shape[-2]
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self._set_length(max(0, self.length + tokens_to_remove))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.wait_ready()
         super().batch_repeat_interleave(repeats)
-        self._adopt_current()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.wait_ready()
         super().batch_select_indices(indices)
-        self._adopt_current()
 
 
 class KVBuffers:
@@ -113,6 +122,14 @@ class KVBuffers:
         self.layout, self.capacity = layout, capacity
         shape = (2, 1, layout.kv_heads, capacity, layout.head_dim)
         self.layers = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
+        self.kv = [(both[0], both[1]) for both in self.layers]
+        self._bytes: list | None = None
+
+    def bytes_views(self) -> list:
+        """Per layer, a numpy uint8 view [2, kv_heads, capacity, head_dim * itemsize] (CPU only)."""
+        if self._bytes is None:
+            self._bytes = [both[:, 0].view(torch.uint8).numpy() for both in self.layers]
+        return self._bytes
 
     @property
     def nbytes(self) -> int:
@@ -125,8 +142,7 @@ class KVBuffers:
     def cache(self, tokens: int, ready: list[Callable[[], None]] | None = None) -> DynamicCache:
         """A DynamicCache over the first `tokens` positions, with the rest as room to grow."""
         cache = DynamicCache()  # KVLayout.of admits full-attention models only: one layer each
-        for i, both in enumerate(self.layers):
-            cache.layers.append(ReservedLayer(both[0], both[1], tokens, ready[i] if ready else None))
+        cache.layers = [ReservedLayer(k, v, tokens, ready[i] if ready else None) for i, (k, v) in enumerate(self.kv)]
         return cache
 
 

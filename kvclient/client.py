@@ -203,7 +203,12 @@ class Client(ColocatedReads):
         keys = list(keys)
         if self.colocated:
             results: list[bytes | None] = [None] * len(keys)
-            self.read_into(keys, lambda i, view: results.__setitem__(i, bytes(view)))
+
+            def keep(batch) -> None:
+                for i, view in batch:
+                    results[i] = bytes(view)
+
+            self.read_into(keys, keep)
             return results
         return self._get_many_grpc(keys)
 

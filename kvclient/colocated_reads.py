@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from .colocated import ColocatedReader
 
 log = logging.getLogger(__name__)
+Batch = list[tuple[int, memoryview]]  # (index of the key, payload view)
 
 
 class ColocatedReads:
@@ -35,13 +36,12 @@ class ColocatedReads:
             return None
         return reader
 
-    def read_into(
-        self, keys: Sequence[bytes], sink: Callable[[int, memoryview], None], verify: bool = True
-    ) -> list[bool]:
-        """Call sink(index, payload view) for each stored key; views die when sink returns.
+    def read_into(self, keys: Sequence[bytes], sink: Callable[[Batch], None], verify: bool = True) -> list[bool]:
+        """Hand the stored keys' payloads to `sink` in batches of (key index, payload view).
 
-        Keys with a co-located replica are read straight from its memory map (no copy before
-        the sink's); the rest come over gRPC. `verify=False` skips the record checksum on the
+        A batch's views are valid until sink returns: keys with a co-located replica come as
+        views of its memory map (no copy before the sink's), one batch per node and read
+        transaction; the rest come over gRPC. `verify=False` skips the record checksum on the
         co-located path only, for payloads that carry (and the sink checks) their own.
         Returns which keys were found.
         """
@@ -52,17 +52,20 @@ class ColocatedReads:
         for node, idx in local.items():
             reader = readers[node]
             with reader.views([keys[i] for i in idx], verify=verify and self.verify_colocated) as views:
-                for i, view in zip(idx, views):
-                    if view is not None:
-                        sink(i, view)
-                        found[i] = True
+                batch = [(i, view) for i, view in zip(idx, views) if view is not None]
+                if batch:
+                    sink(batch)
+                for i, _ in batch:
+                    found[i] = True
         self.reads["colocated"] += sum(found)
         rest = [i for i in range(len(keys)) if not found[i]]
         if rest:
-            for i, value in zip(rest, self._get_many_grpc([keys[i] for i in rest])):
-                if value is not None:
-                    sink(i, memoryview(value))
-                    found[i] = True
+            values = self._get_many_grpc([keys[i] for i in rest])
+            batch = [(i, memoryview(value)) for i, value in zip(rest, values) if value is not None]
+            if batch:
+                sink(batch)
+            for i, _ in batch:
+                found[i] = True
             self.reads["grpc"] += len(rest)
         return found
 

@@ -34,13 +34,14 @@ class LocalStore:
                 out.append(None)
         return out
 
-    def read_into(self, keys: Sequence[bytes], sink: Callable[[int, memoryview], None], verify: bool = True) -> list[bool]:
-        """sink(index, payload view) for each stored key, inside its read transaction (the
+    def read_into(self, keys: Sequence[bytes], sink: Callable[[list[tuple[int, memoryview]]], None],
+                  verify: bool = True) -> list[bool]:
+        """sink([(index, payload view)]) for each stored key, inside its read transaction (the
         storage engine always verifies; `verify` is accepted for the Client's signature)."""
         found = []
         for i, key in enumerate(keys):
             try:
-                found.append(self.storage.read_with(key, lambda view, _digest, i=i: sink(i, view) or True) is not None)
+                found.append(self.storage.read_with(key, lambda view, _digest, i=i: sink([(i, view)]) or True) is not None)
             except Corrupt:
                 found.append(False)
         return found

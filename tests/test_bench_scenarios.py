@@ -75,3 +75,18 @@ def test_tbf_link_rate_within_10_percent():
 
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in listed for n in names)  # cleaned up
+
+
+def test_load_smoke(tmp_path):
+    """kvbench load on the tiny model: every figure the issue asks for, reuse exact on every path."""
+    cli.main(["load", "--out", str(tmp_path), "--model", "tiny-qwen3", "--lengths", "64,256", "--reuse-lengths", "96",
+              "--repeats", "1", "--threads", "1,2", "--no-progress"])
+    doc = json.loads((tmp_path / "load.json").read_text())
+    figures = doc["figures"] if "figures" in doc else doc
+    for key in ("memcpy_gbps", "colocated_gbps", "grpc_gbps", "colocated_unverified_gbps", "load_per_token_spread"):
+        assert figures[key] > 0 or key == "load_per_token_spread"
+    rows = figures["rows"]
+    assert {(r["transport"], r["torch_threads"]) for r in rows} == {
+        (t, n) for t in ("colocated", "colocated-unverified", "colocated-pipelined", "grpc") for n in (1, 2)}
+    assert all(r["exact_first_token"] and r["cached_tokens"] == 95 for r in rows)
+    assert (tmp_path / "load.md").exists() and (tmp_path / "load.png").exists()

@@ -30,7 +30,14 @@ def test_colocated_reads_equal_grpc_reads(spawn_node):
         assert fast.reader(node.address) is not None
         assert fast.reads["colocated"] == len(values)
         seen = {}
-        found = fast.read_into(keys, lambda i, view: seen.__setitem__(i, bytes(view)))
+        batches = []
+
+        def sink(batch):
+            batches.append(len(batch))
+            seen.update((i, bytes(view)) for i, view in batch)
+
+        found = fast.read_into(keys, sink)
+        assert batches == [len(values)]  # one batch: one read transaction on the node's map
         assert found == [True] * len(values) + [False]
         assert [seen[i] for i in range(len(values))] == list(values.values())
 

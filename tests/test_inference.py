@@ -57,6 +57,38 @@ def test_reuse_generates_the_plain_tokens(name, dtype, store) -> None:
 
 
 @pytest.mark.parametrize("name,dtype", MODELS, ids=MODEL_IDS)
+def test_pipelined_reuse_generates_the_plain_tokens(name, dtype, colocated_store) -> None:
+    """The forward starts while later layers are still loading: same tokens, same KV."""
+    model = tiny(name, dtype)
+    ids = prompt(4 * BLOCK + 3, seed=4)
+    with CachedGenerator(model, colocated_store, block_size=BLOCK) as gen:
+        gen.generate(ids, 2, do_sample=False)
+        gen.flush()
+    with CachedGenerator(model, colocated_store, block_size=BLOCK, publish=False, pipeline_loads=True) as gen:
+        hit = gen.generate(ids, 24, do_sample=False)
+    assert (hit.cached_tokens, hit.miss_reasons) == (ids.shape[1] - 1, {})
+    assert hit.load_seconds > 0 and hit.fetched_bytes > 0
+    assert torch.equal(hit.sequences, plain_tokens(model, ids))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_copies_equal_the_fresh_prefill(threads, colocated_store) -> None:
+    model = tiny("tiny-qwen3", torch.bfloat16)
+    gen = CachedGenerator(model, colocated_store, block_size=BLOCK, publish=False)
+    ids = prompt(5 * BLOCK, seed=6)
+    with torch.inference_mode():
+        fresh = model(ids, use_cache=True).past_key_values
+    plan = gen.plan(ids[0].tolist())
+    for key, start, count in plan.segments():
+        colocated_store.put_many(export_segment(fresh, key, start, count))
+    for verify in (True, False):
+        loaded = load_prefix_fast(colocated_store, plan, gen.layout, verify=verify, threads=threads)
+        assert loaded.tokens == 5 * BLOCK and colocated_store.reads["colocated"] > 0
+        for mine, theirs in zip(loaded.cache.layers, fresh.layers):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+
+
+@pytest.mark.parametrize("name,dtype", MODELS, ids=MODEL_IDS)
 def test_partial_reuse_two_of_three_blocks(name, dtype, local_store) -> None:
     model = tiny(name, dtype)
     ids = prompt(3 * BLOCK + 9, seed=3)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.generation.streamers import BaseStreamer
 
 from inference import CachedGenerator, fingerprint
 from inference.blocks import export_segment
@@ -99,23 +100,41 @@ def _tamper(items: list[tuple[bytes, bytes]], case: str, layout) -> list[tuple[b
     raise AssertionError(case)
 
 
+class Collect(BaseStreamer):
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+
+    def put(self, value) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "pipelined"])
 @pytest.mark.parametrize(
     "case", ["corrupt", "missing_layer", "bad_header", "layer_mismatch", "dtype_mismatch", "shape_mismatch"]
 )
-def test_unusable_block_is_a_counted_miss(case: str, local_store) -> None:
+def test_unusable_block_is_a_counted_miss(case: str, pipelined: bool, local_store) -> None:
+    """Pipelined: the forward has started on the whole prefix when the bad record turns up; it
+    is run again on the usable prefix, and the streamer still sees the prompt once."""
     model = tiny("tiny-qwen3")
     ids = prompt(3 * BLOCK + 2, seed=11)
-    gen = CachedGenerator(model, local_store, block_size=BLOCK, publish=False)
+    gen = CachedGenerator(model, local_store, block_size=BLOCK, publish=False, pipeline_loads=pipelined)
     with torch.inference_mode():
         fresh = model(ids, use_cache=True).past_key_values
     (key0, s0, n0), (key1, s1, n1) = gen.plan(ids[0].tolist()).segments()[:2]
     local_store.put_many(export_segment(fresh, key0, s0, n0))
     local_store.put_many(_tamper(export_segment(fresh, key1, s1, n1), case, gen.layout))
-    result = gen.generate(ids, 24, do_sample=False)
+    streamer = Collect()
+    result = gen.generate(ids, 24, do_sample=False, streamer=streamer)
     assert result.cached_tokens == BLOCK
     assert result.miss_reasons == {case: 1}
     assert gen.stats[f"miss_{case}"] == 1
+    assert gen.stats["load_reruns"] == int(pipelined)
     assert torch.equal(result.sequences, plain_tokens(model, ids))
+    assert torch.equal(streamer.puts[0].view(-1), ids.view(-1))
+    assert torch.equal(torch.cat([p.view(-1) for p in streamer.puts[1:]]), result.new_tokens)
 
 
 class FailingStore:
@@ -132,13 +151,14 @@ class FailingStore:
         return getattr(self.inner, name)
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "pipelined"])
 @pytest.mark.parametrize("failing", [{"lookup"}, {"get_many", "read_into"}, {"put_many"}, {"exists"}])
-def test_store_failures_cost_a_miss_never_an_answer(failing: set[str], local_store) -> None:
+def test_store_failures_cost_a_miss_never_an_answer(failing: set[str], pipelined: bool, local_store) -> None:
     model = tiny("tiny-llama")
     ids = prompt(2 * BLOCK + 5, seed=12)
     with CachedGenerator(model, local_store, block_size=BLOCK) as warm:
         warm.generate(ids, 2, do_sample=False)
-    with CachedGenerator(model, FailingStore(local_store, failing), block_size=BLOCK) as gen:
+    with CachedGenerator(model, FailingStore(local_store, failing), block_size=BLOCK, pipeline_loads=pipelined) as gen:
         result = gen.generate(ids, 24, do_sample=False)
         gen.flush()
     assert torch.equal(result.sequences, plain_tokens(model, ids))

@@ -95,31 +95,34 @@ class _Load:
                 src = np.frombuffer(view, np.uint8, offset=HEADER_SIZE).reshape(dest.shape)
                 yield layer, s, view[HEADER_SIZE:], src, dest, checksum
             else:  # compressed, or wrong: the codec's own checks name the reason
-                self.decode_odd(layer, s, view, dest)
-                yield layer, s, view, None, None, None
+                yield layer, s, view if self.decode_odd(layer, s, view, dest) else None, None, None, None
 
-    def decode_odd(self, layer: int, s: int, view: memoryview, dest: np.ndarray) -> None:
+    def decode_odd(self, layer: int, s: int, view: memoryview, dest: np.ndarray) -> bool:
         try:
             header = parse_header(view)
             if header.layer != layer:
                 raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
             target = torch.from_numpy(dest).view(self.layout.dtype)
             decode_into(view, target, header, self.verify)
+            return True
         except RecordError as exc:
             self.fail(s, exc.reason)
         except Exception as exc:  # anything else about a record is damage too, never a crash
             log.warning("undecodable KV record (layer %d): %s", layer, exc)
             self.fail(s, "corrupt")
+        return False
 
     def copy(self, job) -> None:
+        """Check and copy one record (GIL released in both), then count its layer down."""
         layer, s, raw, src, dest, checksum = job
         if src is not None:
             if checksum is not None and xxhash.xxh3_64_intdigest(raw) != checksum:
                 self.fail(s, "corrupt")
+                raw = None
             else:
                 np.copyto(dest, src)
         with self.lock:
-            self.nbytes += len(raw)
+            self.nbytes += len(raw) if raw is not None else 0
             self.remaining[layer] -= 1
             complete = self.remaining[layer] == 0
         if complete:
@@ -179,6 +182,10 @@ class _Load:
                 if complete:
                     self.complete(layer)
 
+    def join_stream(self) -> None:
+        """The caller's stream waits for every host-to-device copy issued so far."""
+        torch.cuda.current_stream(self.layout.device).wait_stream(self.stream)
+
     def wait_layer(self, layer: int) -> None:
         self.layer_done[layer].wait()
         if self.on_cuda and self.shipped[layer] is not None:
@@ -228,8 +235,8 @@ def load_prefix_fast(
                     load.remaining[layer] = 0
                     load.complete(layer)
         if load.on_cuda and not background:
-            torch.cuda.current_stream(layout.device).wait_stream(load.stream)
-        return _settled(load, plan, buffers, max_tokens, lookup_reasons, started)
+            load.join_stream()
+        return _settled(load, plan, buffers, max_tokens, lookup_reasons, started, background)
 
     if not background:
         return run()
@@ -250,7 +257,8 @@ def load_prefix_fast(
     return LoadedPrefix(cache, planned, 0, False, 0, Counter(), buffers, pending=future)
 
 
-def _settled(load: _Load, plan, buffers, max_tokens, lookup_reasons: Counter, started: float) -> LoadedPrefix:
+def _settled(load: _Load, plan, buffers, max_tokens, lookup_reasons: Counter, started: float,
+             background: bool) -> LoadedPrefix:
     segments = load.segments
     usable_segments = min(load.failed) if load.failed else len(segments)
     reasons: Counter = Counter()
@@ -263,6 +271,8 @@ def _settled(load: _Load, plan, buffers, max_tokens, lookup_reasons: Counter, st
     tail = any(start >= tail_start for _, start, _ in segments[:usable_segments])
     blocks = usable_segments - int(tail)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, load.nbytes, reasons, buffers,
+    # settled in the loader's thread: a forward rerun on this cache (CUDA) first joins the copies
+    ready = [load.join_stream] * len(buffers.layers) if background and load.on_cuda else None
+    return LoadedPrefix(buffers.cache(usable, ready), usable, blocks, tail, load.nbytes, reasons, buffers,
                         seconds=time.perf_counter() - started)
 

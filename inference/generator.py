@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -102,9 +103,10 @@ class CachedGenerator:
 
         Each request's KV lives in buffers sized for prompt + new tokens; up to `kv_pool_bytes`
         of them are kept warm for the next request (0: a fresh allocation every time).
-        `pipeline_loads` starts the forward while the fast path is still loading later layers;
-        by default on for models on an accelerator (host copies overlap the GPU's work), off on
-        the CPU, where loads and the forward contend for the same cores and memory bandwidth."""
+        `pipeline_loads` starts the forward while the fast path is still loading later layers. By
+        default (None) it is on where the load has hardware of its own to run on: a model on an
+        accelerator, or a CPU model whose torch threads leave a core free; with every core
+        computing, the load and the forward only contend for the cores and memory bandwidth."""
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         if codec not in CODECS:
@@ -115,10 +117,10 @@ class CachedGenerator:
         self.codec = codec
         self.publish = publish
         self.layout = KVLayout.of(model)
-        if pipeline_loads is None:
-            pipeline_loads = self.layout.device.type != "cpu"
-        if prefix_loader is None and hasattr(client, "read_into"):
-            prefix_loader = functools.partial(load_prefix_fast, verify=verify_loads, background=pipeline_loads)
+        self.pipeline_loads = pipeline_loads
+        self._fast = prefix_loader is None and hasattr(client, "read_into")
+        if self._fast:
+            prefix_loader = functools.partial(load_prefix_fast, verify=verify_loads)
         elif prefix_loader is None:
             prefix_loader = load_prefix
         self.prefix_loader = prefix_loader
@@ -164,8 +166,9 @@ class CachedGenerator:
         return result
 
     def _generate(self, ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs) -> GenerationResult:
+        pipelined = {"background": self.pipelined()} if self._fast else {}
         prefix = self.prefix_loader(self.client, plan, self.layout, self.model.config, max_tokens=len(tokens) - 1,
-                                    buffers=buffers)
+                                    buffers=buffers, **pipelined)
         fetch_seconds = time.perf_counter() - started
 
         clock = FirstTokenClock(generate_kwargs.pop("streamer", None))
@@ -201,6 +204,12 @@ class CachedGenerator:
             logits=getattr(out, "logits", None),
             published=published,
         )
+
+    def pipelined(self) -> bool:
+        """Whether this request's load runs behind its forward (see `pipeline_loads`)."""
+        if self.pipeline_loads is not None:
+            return self.pipeline_loads
+        return self.layout.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
 
     def _run_model(self, ids, max_new_tokens, clock, generate_kwargs, cache):
         with torch.inference_mode():

@@ -115,12 +115,17 @@ class _Load:
     def copy(self, job) -> None:
         """Check and copy one record (GIL released in both), then count its layer down."""
         layer, s, raw, src, dest, checksum = job
-        if src is not None:
-            if checksum is not None and xxhash.xxh3_64_intdigest(raw) != checksum:
-                self.fail(s, "corrupt")
-                raw = None
-            else:
-                np.copyto(dest, src)
+        try:
+            if src is not None:
+                if checksum is not None and xxhash.xxh3_64_intdigest(raw) != checksum:
+                    self.fail(s, "corrupt")
+                    raw = None
+                else:
+                    np.copyto(dest, src)
+        except Exception as exc:  # never a crash, never a block counted that was not copied
+            log.warning("copying a KV record (layer %d) failed: %s", layer, exc)
+            self.fail(s, "corrupt")
+            raw = None
         with self.lock:
             self.nbytes += len(raw) if raw is not None else 0
             self.remaining[layer] -= 1
@@ -129,31 +134,39 @@ class _Load:
             self.complete(layer)
 
     def sink(self, batch) -> None:
-        """Copy a batch on up to `threads` threads; returns when every job is done (the views
-        die then). Helpers that start late find no job left: the batch never waits for them."""
+        """Copy a batch on up to `threads` threads; returns when no job is running any more (the
+        views die then). Helpers that start late find no job left: the batch never waits for them."""
         jobs = self.jobs(batch)
-        left = [len(batch)]
         cond = threading.Condition()
+        state: dict = {"active": 0, "done": False, "error": None}
 
         def work() -> None:
             while True:
                 with cond:  # the job generator is not thread-safe
-                    job = next(jobs, None)
-                if job is None:
-                    return
+                    if state["done"]:
+                        return
+                    try:
+                        job = next(jobs, None)
+                    except Exception as exc:  # a bug, not a bad record: the whole load is a miss
+                        state["error"], job = exc, None
+                    if job is None:
+                        state["done"] = True
+                        return
+                    state["active"] += 1
                 try:
                     self.copy(job)
                 finally:
                     with cond:
-                        left[0] -= 1
-                        if not left[0]:
-                            cond.notify_all()
+                        state["active"] -= 1
+                        cond.notify_all()
 
         for _ in range(min(self.threads, len(batch)) - 1):
             _pool.submit(work)
         work()
         with cond:
-            cond.wait_for(lambda: not left[0])
+            cond.wait_for(lambda: state["done"] and not state["active"])
+        if state["error"] is not None:
+            raise state["error"]
 
     # ---- completion ------------------------------------------------------------------------
     def fail(self, s: int, reason: str) -> None:

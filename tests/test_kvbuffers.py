@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -11,7 +12,9 @@ from inference import CachedGenerator, KVLayout
 from inference.blocks import export_segment
 from inference.kvbuffers import KVArena, KVBuffers, ReservedLayer, round_capacity
 from kvclient.local import LocalStore
-from tests.conftest_models import BLOCK, local_store, plain_tokens, prompt, tiny  # noqa: F401  (fixtures)
+from tests.conftest_models import (  # noqa: F401  (fixtures)
+    BLOCK, colocated_store, local_store, plain_tokens, prompt, tiny,
+)
 
 
 def test_reserved_cache_grows_past_its_capacity_and_stays_exact() -> None:
@@ -99,3 +102,19 @@ def test_buffers_of_a_publishing_request_are_not_lent_to_the_next(tmp_path) -> N
     assert torch.equal(reused.sequences, plain_tokens(model, first, 4))
     assert gen.arena.reused >= 1
     store.close()
+
+
+def test_a_failed_request_waits_for_its_load_before_lending_the_buffers(colocated_store) -> None:
+    """generate raising with a pipelined load in flight: the load ends before the buffers go back."""
+    model = tiny("tiny-llama")
+    ids = prompt(6 * BLOCK + 1, seed=21)
+    with CachedGenerator(model, colocated_store, block_size=BLOCK) as gen:
+        gen.generate(ids, 1, do_sample=False)
+        gen.flush()
+    gen = CachedGenerator(model, colocated_store, block_size=BLOCK, publish=False, pipeline_loads=True)
+    with pytest.raises(ValueError):
+        gen.generate(ids, 4, do_sample=False, num_beams=0)  # refused inside transformers' generate
+    assert gen.arena.allocated == 1 and gen.arena.take(ids.shape[1] + 4) is not None
+    assert gen.arena.reused == 1  # the failed request's buffers came back, with no load writing into them
+    ok = gen.generate(ids, 4, do_sample=False)
+    assert ok.cached_tokens == ids.shape[1] - 1 and torch.equal(ok.sequences, plain_tokens(model, ids, 4))

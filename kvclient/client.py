@@ -21,6 +21,7 @@ from .colocated import ColocatedReader
 from .colocated_reads import ColocatedReads
 from .errors import Corrupt, KVCacheError, Unavailable
 from .node import Credentials, NodeConnection
+from .recency import TouchBatcher
 from .healing import HintQueue
 from .ring import DEFAULT_VNODES, HashRing
 
@@ -75,6 +76,7 @@ class Client(ColocatedReads):
         self.repairs = 0
         self.stripe = stripe
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.ring.nodes)), thread_name_prefix="kvclient")
+        self._touches = TouchBatcher(self._touch)
 
     # ---- membership -----------------------------------------------------------------------
     def _set_ring(self, ring: HashRing, replication: int) -> None:
@@ -261,7 +263,8 @@ class Client(ColocatedReads):
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         """Which keys are stored. Co-located replicas answer from their map (no RPC on the hot
-        path); their nodes still get the Lookup in the background, which keeps LRU recency."""
+        path); their nodes still get a Lookup of the hits, batched in the background
+        (kvclient.recency), which keeps LRU recency."""
         self.refresh()
         keys = list(keys)
         present = [False] * len(keys)
@@ -271,7 +274,7 @@ class Client(ColocatedReads):
                 present[i] = p
             hits = [keys[i] for i in idx if present[i]]
             if hits:
-                self._pool.submit(self._touch, node, hits)
+                self._touches.add(node, hits)
         pending = [i for i in range(len(keys)) if not present[i] and not all_local[i]]
         orders = {i: self.replicas(keys[i], i) for i in pending}
         for rank in range(self.replication):
@@ -309,6 +312,7 @@ class Client(ColocatedReads):
 
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
+        self._touches.close()
         self.hints.close()
         for reader in self._readers.values():
             if reader is not None:

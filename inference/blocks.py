@@ -19,7 +19,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from kvclient.keys import block_keys, record_key, tail_key
 
-from .codec import RecordError, decode_into, encode, parse_header
+from .codec import RecordError, decode_into, encode
 from .kvbuffers import KVBuffers
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,7 @@ def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: 
     segments = _available_segments(client, plan, lookup_reasons)
     total = sum(count for _, _, count in segments)
     buffers = target_buffers(layout, total, buffers)
-    loaded = nbytes = blocks = 0
-    tail = False
-    tail_start = len(plan.block_keys) * plan.block_size
+    done = nbytes = 0  # segments decoded, in order
     for key, start, count in segments:
         try:
             records = client.get_many([record_key(key, layer) for layer in range(layout.num_layers)])
@@ -135,15 +133,22 @@ def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: 
         if reason is not None:
             reasons[reason] += 1
             break
-        loaded += count
+        done += 1
         nbytes += sum(len(r) for r in records)
-        tail = start >= tail_start
-        blocks += not tail
-    if loaded == total:
+    if done == len(segments):
         reasons.update(lookup_reasons)
+    return loaded_prefix(plan, segments[:done], buffers, max_tokens, nbytes, reasons, started)
+
+
+def loaded_prefix(plan: PrefixPlan, usable_segments, buffers: KVBuffers, max_tokens: int | None, nbytes: int,
+                  reasons: Counter, started: float, ready=None) -> LoadedPrefix:
+    """The LoadedPrefix of the segments that loaded (a prefix of the plan's, the tail maybe last)."""
+    loaded = sum(count for _, _, count in usable_segments)
+    tail_start = len(plan.block_keys) * plan.block_size
+    tail = any(start >= tail_start for _, start, _ in usable_segments)
     usable = loaded if max_tokens is None else min(loaded, max_tokens)
-    return LoadedPrefix(buffers.cache(usable), usable, blocks, tail, nbytes, reasons, buffers,
-                        seconds=time.perf_counter() - started)
+    return LoadedPrefix(buffers.cache(usable, ready), usable, len(usable_segments) - int(tail), tail, nbytes,
+                        reasons, buffers, seconds=time.perf_counter() - started)
 
 
 def _available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tuple[bytes, int, int]]:
@@ -172,10 +177,7 @@ def _decode_segment(records: list, buffers: KVBuffers, start: int, count: int) -
         if record is None:
             return "missing_layer"
         try:
-            header = parse_header(record)
-            if header.layer != layer:
-                raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
-            decode_into(record, buffers.span(layer, start, count), header)
+            decode_into(record, buffers.span(layer, start, count), layer=layer)
         except RecordError as exc:
             log.warning("unusable KV record (layer %d): %s", layer, exc)
             return exc.reason

@@ -75,11 +75,18 @@ def encode(keys: torch.Tensor, values: torch.Tensor, layer: int, codec: str = "n
         raise ValueError(f"unknown codec {codec!r} (have {sorted(CODECS)})")
     raw = _raw_bytes(keys) + _raw_bytes(values)
     stored = _byteplane_compress(raw, keys.element_size()) if CODECS[codec] else raw
-    header = HEADER.pack(
-        MAGIC, VERSION, HEADER_SIZE, DTYPE_CODES[keys.dtype], CODECS[codec], layer,
-        2, *keys.shape, len(raw), len(stored), xxhash.xxh3_64_intdigest(raw),
-    )
+    header = pack_header(keys.dtype, CODECS[codec], layer, (2, *keys.shape), len(raw), len(stored),
+                         xxhash.xxh3_64_intdigest(raw))
     return header + stored
+
+
+FIXED_HEADER_SIZE = HEADER_SIZE - 20  # bytes before the checksum: fixed by dtype, codec, layer, shape
+
+
+def pack_header(dtype: torch.dtype, codec: int, layer: int, shape: tuple[int, int, int, int], raw_length: int,
+                stored_length: int, checksum: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, HEADER_SIZE, DTYPE_CODES[dtype], codec, layer, *shape, raw_length,
+                       stored_length, checksum)
 
 
 def parse_header(record: bytes | memoryview) -> RecordHeader:
@@ -116,13 +123,16 @@ def decode_into(
     dest: torch.Tensor,
     header: RecordHeader | None = None,
     verify: bool = True,
+    layer: int | None = None,
 ) -> RecordHeader:
     """Decode a record into a preallocated [2, kv_heads, tokens, head_dim] slot (K at [0], V at
-    [1]; any device, any strides).
+    [1]; any device, any strides); `layer`, if given, is the layer it must have been stored for.
 
     Zero-copy until the destination: the payload is viewed with torch.frombuffer and copied once.
     """
     header = header or parse_header(record)
+    if layer is not None and header.layer != layer:
+        raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
     if header.dtype != dest.dtype:
         raise RecordError("dtype_mismatch", f"record dtype {header.dtype}, model needs {dest.dtype}")
     if header.shape != tuple(dest.shape):

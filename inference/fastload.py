@@ -29,13 +29,12 @@ import xxhash
 
 from kvclient.keys import record_key
 
-from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments, target_buffers
-from .codec import CODEC_NONE, DTYPE_CODES, HEADER, HEADER_SIZE, MAGIC, VERSION, RecordError, decode_into, parse_header
+from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments, loaded_prefix, target_buffers
+from .codec import CODEC_NONE, FIXED_HEADER_SIZE, HEADER_SIZE, RecordError, decode_into, pack_header
 from .kvbuffers import KVBuffers
 
 log = logging.getLogger(__name__)
 COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
-_FIXED = HEADER_SIZE - 20  # header bytes fixed by (dtype, layer, shape): all before the checksum
 _pool = ThreadPoolExecutor(max_workers=COPY_THREADS + 1, thread_name_prefix="kv-load")
 
 
@@ -78,8 +77,8 @@ class _Load:
         if key not in self.heads:
             lay = self.layout
             raw = 2 * lay.kv_heads * count * self.row_bytes
-            fixed = HEADER.pack(MAGIC, VERSION, HEADER_SIZE, DTYPE_CODES[lay.dtype], CODEC_NONE, layer,
-                                2, lay.kv_heads, count, lay.head_dim, raw, raw, 0)[:_FIXED]
+            shape = (2, lay.kv_heads, count, lay.head_dim)
+            fixed = pack_header(lay.dtype, CODEC_NONE, layer, shape, raw, raw, 0)[:FIXED_HEADER_SIZE]
             self.heads[key] = (fixed, HEADER_SIZE + raw)
         return self.heads[key]
 
@@ -90,8 +89,8 @@ class _Load:
             _, start, count = self.segments[s]
             dest = self.targets[layer][:, :, start : start + count]
             fixed, length = self.head(layer, count)
-            if len(view) == length and view[:_FIXED] == fixed:  # the common case: one comparison
-                checksum = int.from_bytes(view[_FIXED : _FIXED + 8], "little") if self.verify else None
+            if len(view) == length and view[:FIXED_HEADER_SIZE] == fixed:  # the common case: one comparison
+                checksum = int.from_bytes(view[FIXED_HEADER_SIZE : FIXED_HEADER_SIZE + 8], "little") if self.verify else None
                 src = np.frombuffer(view, np.uint8, offset=HEADER_SIZE).reshape(dest.shape)
                 yield layer, s, view[HEADER_SIZE:], src, dest, checksum
             else:  # compressed, or wrong: the codec's own checks name the reason
@@ -99,11 +98,7 @@ class _Load:
 
     def decode_odd(self, layer: int, s: int, view: memoryview, dest: np.ndarray) -> bool:
         try:
-            header = parse_header(view)
-            if header.layer != layer:
-                raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
-            target = torch.from_numpy(dest).view(self.layout.dtype)
-            decode_into(view, target, header, self.verify)
+            decode_into(view, torch.from_numpy(dest).view(self.layout.dtype), verify=self.verify, layer=layer)
             return True
         except RecordError as exc:
             self.fail(s, exc.reason)
@@ -126,8 +121,12 @@ class _Load:
             log.warning("copying a KV record (layer %d) failed: %s", layer, exc)
             self.fail(s, "corrupt")
             raw = None
+        self.count_down(layer, len(raw) if raw is not None else 0)
+
+    def count_down(self, layer: int, nbytes: int = 0) -> None:
+        """One more record of `layer` is settled (copied or failed); the last one completes it."""
         with self.lock:
-            self.nbytes += len(raw) if raw is not None else 0
+            self.nbytes += nbytes
             self.remaining[layer] -= 1
             complete = self.remaining[layer] == 0
         if complete:
@@ -189,11 +188,7 @@ class _Load:
             if not ok:
                 layer, s = self.order[i]
                 self.fail(s, "absent" if layer == 0 else "missing_layer")
-                with self.lock:
-                    self.remaining[layer] -= 1
-                    complete = self.remaining[layer] == 0
-                if complete:
-                    self.complete(layer)
+                self.count_down(layer)
 
     def join_stream(self) -> None:
         """The caller's stream waits for every host-to-device copy issued so far."""
@@ -231,7 +226,7 @@ def load_prefix_fast(
     total = sum(count for _, _, count in segments)
     buffers = target_buffers(layout, total, buffers)
     if not total:
-        return LoadedPrefix(buffers.cache(0), 0, 0, False, 0, lookup_reasons, buffers, seconds=time.perf_counter() - started)
+        return loaded_prefix(plan, [], buffers, max_tokens, 0, lookup_reasons, started)
     load = _Load(segments, layout, buffers, verify, threads, background)
     store_keys = [record_key(segments[s][0], layer) for layer, s in load.order]
 
@@ -272,20 +267,9 @@ def load_prefix_fast(
 
 def _settled(load: _Load, plan, buffers, max_tokens, lookup_reasons: Counter, started: float,
              background: bool) -> LoadedPrefix:
-    segments = load.segments
-    usable_segments = min(load.failed) if load.failed else len(segments)
-    reasons: Counter = Counter()
-    if load.failed:
-        reasons[load.failed[usable_segments]] += 1
-    else:
-        reasons.update(lookup_reasons)
-    loaded = sum(count for _, _, count in segments[:usable_segments])
-    tail_start = len(plan.block_keys) * plan.block_size
-    tail = any(start >= tail_start for _, start, _ in segments[:usable_segments])
-    blocks = usable_segments - int(tail)
-    usable = loaded if max_tokens is None else min(loaded, max_tokens)
+    usable_segments = min(load.failed) if load.failed else len(load.segments)
+    reasons = Counter({load.failed[usable_segments]: 1}) if load.failed else Counter(lookup_reasons)
     # settled in the loader's thread: a forward rerun on this cache (CUDA) first joins the copies
     ready = [load.join_stream] * len(buffers.layers) if background and load.on_cuda else None
-    return LoadedPrefix(buffers.cache(usable, ready), usable, blocks, tail, load.nbytes, reasons, buffers,
-                        seconds=time.perf_counter() - started)
-
+    return loaded_prefix(plan, load.segments[:usable_segments], buffers, max_tokens, load.nbytes, reasons,
+                         started, ready)

@@ -65,6 +65,8 @@ class _Load:
             self.staged = [torch.empty(shape, dtype=layout.dtype, pin_memory=True) for _ in range(n_layers)]
             self.targets = [t.view(torch.uint8).numpy() for t in self.staged]
             self.stream = _side_stream(layout.device)
+            # the copies overwrite pooled buffers that earlier work on the caller's stream may still read
+            self.stream.wait_stream(torch.cuda.current_stream(layout.device))
             self.shipped: list[torch.cuda.Event | None] = [None] * n_layers
         else:
             self.targets = buffers.bytes_views()
@@ -177,6 +179,7 @@ class _Load:
             dest = self.buffers.layers[layer][:, 0, :, : self.total]
             with torch.cuda.device(self.layout.device), torch.cuda.stream(self.stream):
                 dest.copy_(self.staged[layer], non_blocking=True)
+                dest.record_stream(self.stream)  # a free before the join must not recycle it under the copy
                 event = torch.cuda.Event()
                 event.record(self.stream)
             self.shipped[layer] = event

@@ -89,4 +89,6 @@ def test_load_smoke(tmp_path):
     assert {(r["transport"], r["torch_threads"]) for r in rows} == {
         (t, n) for t in ("colocated", "colocated-unverified", "colocated-pipelined", "grpc") for n in (1, 2)}
     assert all(r["exact_first_token"] and r["cached_tokens"] == 95 for r in rows)
+    assert all(r["resident_seconds"] > 0 and r["of_ceiling"] == pytest.approx(r["ratio"] / r["ceiling_ratio"])
+               for r in rows)
     assert (tmp_path / "load.md").exists() and (tmp_path / "load.png").exists()

@@ -227,8 +227,8 @@ def run(p: LoadParams, progress: bool = True) -> Report:
         f"{p.repeats} runs; load s = the whole load, start to end.",
         "resident = the same 1-token generate with the prefix KV already in warm buffers (no store at all): "
         "ceiling = prefill / resident is the most any store could reach on this model and machine, and "
-        "of ceiling = ratio / ceiling. The one-token step streams every weight once, so the ceiling "
-        "barely moves with threads while prefill scales with them.",
+        "of ceiling = ratio / ceiling. The resident step streams every weight once and barely gains from "
+        "a second thread, while prefill nearly halves: the ceiling falls with threads.",
     ]
     return Report("load", p.__dict__, figures, table, notes, plot=lambda fig: _plot(fig, load_rows),
                   title=f"KV load paths — {p.model} on {device}")

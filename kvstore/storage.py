@@ -104,15 +104,15 @@ class Storage:
             lock=True,  # readers must register, or a writer may reuse pages they still read
         )
         self._map_size = self.env.info()["map_size"]  # fixed for the life of the environment
-        self.data_db = self._data = self.env.open_db(DATA_DB, create=not readonly)
+        self.data_db = self.env.open_db(DATA_DB, create=not readonly)
         self.meta_db = self._meta = self.env.open_db(META_DB, create=not readonly)
-        self._dbs = [self.env.open_db(None), self._data, self._meta]
+        self._dbs = [self.env.open_db(None), self.data_db, self._meta]
         self.write_lock = threading.Lock()
         self.env_token = self._load_env_token()
         self.evictor = Evictor(self, high_water, tenant_quota)
         self.ledger: Ledger | None = None
         if not readonly:
-            self.ledger = Ledger(self.env, self._data)
+            self.ledger = Ledger(self.env, self.data_db)
             self._dbs += [self.ledger.lru, self.ledger.usage_db]
             self.evictor.start(self._open_ledger())
 
@@ -159,7 +159,7 @@ class Storage:
         stored = existed = 0
         changes = Changes()
         quota = self.evictor.tenant_quota
-        with self.env.begin(db=self._data, write=True, buffers=True) as txn:
+        with self.env.begin(db=self.data_db, write=True, buffers=True) as txn:
             for rec in records:
                 key = tenant + rec.key
                 value = rec.stored_value()
@@ -198,7 +198,7 @@ class Storage:
     def delete(self, keys: Iterable[bytes], tenant: bytes = b"") -> int:
         changes = Changes()
         deleted = 0
-        with self.write_lock, _full_is_exhausted(), self.env.begin(db=self._data, write=True, buffers=True) as txn:
+        with self.write_lock, _full_is_exhausted(), self.env.begin(db=self.data_db, write=True, buffers=True) as txn:
             for key in keys:
                 old = txn.get(tenant + key)
                 if old is not None:
@@ -218,7 +218,7 @@ class Storage:
 
     def exists(self, keys: list[bytes], tenant: bytes = b"") -> list[bool]:
         try:
-            with self.env.begin(db=self._data, buffers=True) as txn:
+            with self.env.begin(db=self.data_db, buffers=True) as txn:
                 present = [txn.get(tenant + key) is not None for key in keys]
         except DAMAGED as exc:  # a damaged page: report it, do not fail as INTERNAL
             raise Corrupt(f"storage damaged: {exc}") from exc
@@ -229,7 +229,7 @@ class Storage:
         """use(payload view, digest) of a verified record, inside the read transaction (the view
         dies with it, so `use` must copy what it keeps); None if missing; Corrupt if damaged."""
         try:
-            with self.env.begin(db=self._data, buffers=True) as txn:
+            with self.env.begin(db=self.data_db, buffers=True) as txn:
                 stored = txn.get(tenant + key)
                 if stored is None:
                     return None
@@ -247,7 +247,7 @@ class Storage:
     def scan(self, prefix: bytes, start_after: bytes, limit: int) -> list[bytes]:
         """Up to `limit` keys under `prefix`, in order, strictly after `start_after`."""
         out: list[bytes] = []
-        with self.env.begin(db=self._data) as txn:
+        with self.env.begin(db=self.data_db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(max(prefix, start_after)):
                 return out
@@ -275,8 +275,8 @@ class Storage:
 
     def stats(self) -> StorageStats:
         info = self.env.info()
-        with self.env.begin(db=self._data) as txn:
-            records = txn.stat(self._data)["entries"]
+        with self.env.begin(db=self.data_db) as txn:
+            records = txn.stat(self.data_db)["entries"]
         return StorageStats(
             records=records,
             used_bytes=self.used_bytes(),

@@ -216,7 +216,7 @@ def _size_of(key: bytes) -> int:
 def _actual(storage: Storage) -> dict[bytes, dict[bytes, int]]:
     """group id -> {stored key: charged bytes}, read straight from the data db."""
     groups: dict[bytes, dict[bytes, int]] = defaultdict(dict)
-    with storage.env.begin(db=storage._data) as txn:
+    with storage.env.begin(db=storage.data_db) as txn:
         for key, val in txn.cursor():
             tenant = next(t for t in sorted(TENANTS, key=len, reverse=True) if key.startswith(t))
             groups[group_id(tenant, key[len(tenant):])][key] = len(key) + len(val)

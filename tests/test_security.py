@@ -179,7 +179,7 @@ def test_cross_tenant_probes_find_nothing_and_delete_nothing(auth_node):
         with pytest.raises(FailedPrecondition):
             alpha.conn(address).local_info(5)
     # on disk, alpha's records live only under alpha's prefix
-    with node.storage.env.begin(db=node.storage._data) as txn:
+    with node.storage.env.begin(db=node.storage.data_db) as txn:
         stored = [bytes(k) for k, _ in txn.cursor()]
     assert stored and all(k.startswith(tenant_prefix("alpha")) for k in stored)
 

@@ -160,7 +160,7 @@ def test_corrupt_on_disk_reads_as_corrupt_state(make_node):
 
 def _flip_stored_byte(node, key: bytes, offset: int = -1) -> None:
     storage = node.storage
-    with storage.env.begin(db=storage._data, write=True) as txn:
+    with storage.env.begin(db=storage.data_db, write=True) as txn:
         value = bytearray(txn.get(key))
         value[offset] ^= 0x01
         txn.put(key, bytes(value))

@@ -2,7 +2,7 @@
 
 Scenarios: economics (the cost model, beside measured figures with --from DIR), transport (gRPC
 vs raw socket), topology (namespaces + tc links), reuse (prefill vs cached reuse), load (KV load
-paths, bench/load.py), all (transport, topology, reuse, then economics over their results).
+paths, bench/load.py), stripe (striped fetch across replicas over shaped links), all (transport, topology, stripe, reuse, load, then economics over their results).
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--repeats", type=int, default=None, help="timed runs, best kept (default 3)")
     ld.add_argument("--threads", default=None, help="torch threads of the reuse rows, comma-separated (default 1,2)")
 
+    st = sub.add_parser("stripe", help="striped fetch across replicas vs primaries, one link per node")
+    _add_common(st)
+    st.add_argument("--tokens", default=None, help="document sizes, comma-separated (default 256,1024,3774)")
+    st.add_argument("--nodes", type=int, default=3, help="nodes, all replicas of every key (default 3)")
+    st.add_argument("--rate-mbit", type=float, default=1000.0, help="tbf rate per node link (default 1000; 0 = unshaped)")
+    st.add_argument("--repeats", type=int, default=None, help="interleaved rounds, median (default 3)")
+    st.add_argument("--loopback-only", action="store_true", help="no namespaces: every node on loopback")
+
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
     a.add_argument("--model", default=None, help="reuse model (default smollm2, else tiny-qwen3)")
@@ -138,9 +146,22 @@ def _run_load(args) -> None:
     write_report(load.run(p, progress=not args.no_progress), args.out)
 
 
+def _run_stripe(args) -> None:
+    from . import stripe
+
+    default = "256,1024" if args.quick else "256,1024,3774"
+    p = stripe.StripeParams(
+        tokens=tuple(int(x) for x in (args.tokens or default).split(",")), nodes=args.nodes,
+        rate_bps=int(args.rate_mbit * 1e6) or None, repeats=args.repeats or (2 if args.quick else 3),
+        loopback_only=args.loopback_only)
+    if p.nodes < 2:
+        raise SystemExit("kvbench stripe: --nodes must be at least 2 (striping needs replicas)")
+    write_report(stripe.run(p, progress=not args.no_progress), args.out)
+
+
 def _run_all(args) -> None:
     base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
-    for argv in (["transport"], ["topology"], ["reuse"], ["load"], ["economics", "--from", args.out]):
+    for argv in (["transport"], ["topology"], ["stripe"], ["reuse"], ["load"], ["economics", "--from", args.out]):
         t0 = time.perf_counter()
         if argv[0] in ("reuse", "load"):
             _with_model_fallback(argv[0], args.model, base)
@@ -163,7 +184,7 @@ def _with_model_fallback(scenario: str, model: str | None, base: list[str]) -> N
 
 
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
-           "reuse": _run_reuse, "load": _run_load, "all": _run_all}
+           "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "all": _run_all}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

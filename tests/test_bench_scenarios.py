@@ -92,3 +92,17 @@ def test_load_smoke(tmp_path):
     assert all(r["resident_seconds"] > 0 and r["of_ceiling"] == pytest.approx(r["ratio"] / r["ceiling_ratio"])
                for r in rows)
     assert (tmp_path / "load.md").exists() and (tmp_path / "load.png").exists()
+
+
+def test_stripe_smoke(tmp_path):
+    """kvbench stripe on loopback: every mode fetches the whole document; striped spreads a block."""
+    cli.main(["stripe", "--out", str(tmp_path), "--tokens", "256", "--repeats", "1", "--loopback-only",
+              "--no-progress"])
+    doc = json.loads((tmp_path / "stripe.json").read_text())
+    rows = {r["mode"]: r for r in doc["rows"]}
+    assert set(rows) == {"primaries", "striped", "striped-2-streams"}
+    assert all(r["blocks"] == 1 and r["seconds"] > 0 and r["bytes"] == 256 * 147_456 for r in rows.values())
+    assert rows["primaries"]["busiest_node_share"] == 1.0
+    assert rows["striped"]["busiest_node_share"] == pytest.approx(1 / 3)
+    assert doc["netns_skipped"] == "--loopback-only"
+    assert (tmp_path / "stripe.md").exists() and (tmp_path / "stripe.png").exists()

@@ -99,3 +99,26 @@ def test_sigterm_is_graceful(spawn_node):
         client.put(b"k", b"v")
     node.terminate()
     assert node.proc.returncode == 0
+
+
+def _hits(node) -> float:
+    return node.metrics.registry.get_sample_value("kvstore_hits_total") or 0.0
+
+
+@pytest.mark.parametrize("stripe", [False, True])
+def test_striped_reads_spread_a_block_over_its_replicas(make_node, stripe):
+    """A block's layer records share one ring position: from primaries one node serves them all;
+    striped, every replica serves a third, and the bytes are the same either way."""
+    from kvclient.keys import record_key
+
+    nodes = [make_node() for _ in range(3)]
+    addrs = [f"127.0.0.1:{n.port}" for n in nodes]
+    block = _keys(1)[0]
+    keys = [record_key(block, layer) for layer in range(36)]
+    values = [hashlib.sha256(key).digest() * 64 for key in keys]
+    with Client(addrs, replication=3, stripe=stripe, colocated=False) as client:
+        client.put_many(list(zip(keys, values)))
+        before = [_hits(n) for n in nodes]
+        assert client.get_many(keys) == values
+        served = sorted(_hits(n) - b for n, b in zip(nodes, before))
+    assert served == ([12, 12, 12] if stripe else [0, 0, 36])

@@ -4,6 +4,7 @@ inside a network namespace; each is stopped by its own pid on exit, never by nam
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import queue
 import re
@@ -84,3 +85,12 @@ def kvstore_node(data_dir: str, listen: str = "127.0.0.1:0", ns: str | None = No
 
 def socket_server(listen: str = "127.0.0.1:0", ns: str | None = None) -> ServerProcess:
     return ServerProcess(netns_prefix(ns) + [PYTHON, "-m", "bench.sockserve", "--listen", listen])
+
+
+def run_worker(ns: str | None, *args: str, timeout: float = 900) -> dict:
+    """`python -m bench.fetch ARGS` (in namespace `ns`, if given); its last stdout line as JSON."""
+    argv = netns_prefix(ns) + [PYTHON, "-m", "bench.fetch", *args]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.fetch {args[0]} failed: {out.stderr[-1500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -18,8 +18,6 @@ Run where `ip netns` works (root); each link is checked with a raw socket probe 
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -28,7 +26,7 @@ from tqdm import tqdm
 from . import economics as ec
 from .netns import LinkSpec, NetnsLab, netns_unavailable_reason
 from .report import Report, Table
-from .servers import PYTHON, REPO_ROOT, kvstore_node, netns_prefix, subprocess_env
+from .servers import kvstore_node, run_worker
 
 MODES = ("primaries", "striped", "striped-2-streams")
 BASE_PORT = 7170
@@ -42,13 +40,6 @@ class StripeParams:
     repeats: int = 3
     loopback_only: bool = False
 
-
-def _worker(ns: str | None, *args: str, timeout: float = 900) -> dict:
-    argv = netns_prefix(ns) + [PYTHON, "-m", "bench.fetch", *args]
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench.fetch {args[0]} failed: {out.stderr[-1500:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @contextlib.contextmanager
@@ -74,7 +65,7 @@ def measure(p: StripeParams, progress: bool = True) -> tuple[list[dict], str, st
     with tempfile.TemporaryDirectory(prefix="kvbench-stripe-") as data, _cluster(p, data, skipped) as (ns, addrs, label), \
             tqdm(total=len(p.tokens), desc="stripe", disable=not progress, leave=False) as bar:
         for n in p.tokens:
-            got = _worker(ns, "stripe", "--addrs", ",".join(addrs), "--tokens", str(n), "--seed", str(n),
+            got = run_worker(ns, "stripe", "--addrs", ",".join(addrs), "--tokens", str(n), "--seed", str(n),
                           "--repeats", str(p.repeats))
             for mode in MODES:
                 m = got["modes"][mode]

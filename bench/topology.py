@@ -8,8 +8,6 @@ the co-located links run. With --scale < 1 fewer tokens move and times extrapola
 
 from __future__ import annotations
 
-import json
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -18,7 +16,7 @@ from tqdm import tqdm
 from . import economics as ec
 from .netns import LinkSpec, NetnsLab, netns_unavailable_reason
 from .report import Report, Table
-from .servers import PYTHON, REPO_ROOT, kvstore_node, netns_prefix, socket_server, subprocess_env
+from .servers import kvstore_node, run_worker, socket_server
 
 NODE_PORT, SOCK_PORT = 7070, 7071
 
@@ -54,14 +52,6 @@ class TopologyParams:
         return max(1, round(self.tokens * self.scale))
 
 
-def _worker(ns: str | None, *args: str, timeout: float = 900) -> dict:
-    argv = netns_prefix(ns) + [PYTHON, "-m", "bench.fetch", *args]
-    env = subprocess_env()
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench.fetch {args[0]} failed: {out.stderr[-1500:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
 
 def _measure_link(pl: Placement, p: TopologyParams, server_ns: str | None, client_ns: str | None,
                   host: str, node_port: int, sock_port: int) -> dict:
@@ -72,11 +62,11 @@ def _measure_link(pl: Placement, p: TopologyParams, server_ns: str | None, clien
     probe_bytes = min(nbytes, pl.rate_bps // 8) if pl.rate_bps else 64 << 20
     probe = ["--probe-addr", f"{host}:{sock_port}", "--bytes", str(max(probe_bytes, 4 << 20))]
     if p.transport == "socket" and not pl.colocated_reader:
-        sock = _worker(ns, "probe", "--addr", f"{host}:{sock_port}", "--bytes", str(max(probe_bytes, 4 << 20)))
+        sock = run_worker(ns, "probe", "--addr", f"{host}:{sock_port}", "--bytes", str(max(probe_bytes, 4 << 20)))
         seconds, reads = nbytes * 8 / sock["bps"], {}
     else:
         extra = ["--colocated"] if pl.colocated_reader else []
-        got = _worker(ns, "fetch", "--addr", f"{host}:{node_port}", *toks, *extra, *probe)
+        got = run_worker(ns, "fetch", "--addr", f"{host}:{node_port}", *toks, *extra, *probe)
         seconds, reads, sock = got["seconds"], got["reads"], got["probe"]
     return {"measured_seconds": seconds, "measured_bps": nbytes * 8 / seconds, "socket_bps": sock["bps"],
             "reads": reads}
@@ -113,7 +103,7 @@ def measure(p: TopologyParams, preset: ec.CostPreset, progress: bool = True) -> 
         map_gb = max(1.0, 3 * ec.kv_bytes(p.measured_tokens) / 2**30)
         if skipped:
             with kvstore_node(data, map_size_gb=map_gb) as node, socket_server() as sock:
-                _worker(None, "load", "--addr", f"127.0.0.1:{node.port}", "--tokens", str(p.measured_tokens))
+                run_worker(None, "load", "--addr", f"127.0.0.1:{node.port}", "--tokens", str(p.measured_tokens))
                 bar.update(1)
                 for pl in links:
                     m = _measure_link(pl, p, None, None, "127.0.0.1", node.port, sock.port)
@@ -124,7 +114,7 @@ def measure(p: TopologyParams, preset: ec.CostPreset, progress: bool = True) -> 
         with NetnsLab(list(specs.values())) as lab, \
                 kvstore_node(data, f"0.0.0.0:{NODE_PORT}", lab.server_ns, map_gb), \
                 socket_server(f"0.0.0.0:{SOCK_PORT}", lab.server_ns):
-            _worker(lab.server_ns, "load", "--addr", f"127.0.0.1:{NODE_PORT}", "--tokens", str(p.measured_tokens))
+            run_worker(lab.server_ns, "load", "--addr", f"127.0.0.1:{NODE_PORT}", "--tokens", str(p.measured_tokens))
             bar.update(1)
             for pl in links:
                 host = lab.server_ip(specs[pl.name]) if pl.netns else "127.0.0.1"

@@ -66,9 +66,9 @@ def test_cost_overrides():
 def test_tbf_link_rate_within_10_percent():
     link = LinkSpec("shaped", 100_000_000)
     with NetnsLab([link]) as lab, socket_server("0.0.0.0:7071", lab.server_ns):
-        from bench.topology import _worker
+        from bench.servers import run_worker
 
-        got = _worker(lab.client_ns, "probe", "--addr", f"{lab.server_ip(link)}:7071", "--bytes", str(6 << 20))
+        got = run_worker(lab.client_ns, "probe", "--addr", f"{lab.server_ip(link)}:7071", "--bytes", str(6 << 20))
         names = lab.server_ns, lab.client_ns
     assert 0.9 <= got["bps"] / link.rate_bps <= 1.05
     import subprocess

@@ -98,11 +98,12 @@ def stripe(addrs: list[str], doc: Document, repeats: int) -> dict:
             node, part = job
             return sum(len(v) for _, v, _ in striped.conn(node).get(part, 600) if v is not None)
 
-        split = [(node, part[h::2]) for node, part in plan(striped).items() for h in range(2)]
+        spread = plan(striped)
+        split = [(node, part[h::2]) for node, part in spread.items() for h in range(2)]
         modes = {
             "primaries": (lambda: sum(len(v) for v in primaries.get_many(keys) if v is not None), plan(primaries), 1),
-            "striped": (lambda: sum(len(v) for v in striped.get_many(keys) if v is not None), plan(striped), 1),
-            "striped-2-streams": (lambda: sum(pool.map(stream, split)), plan(striped), 2),
+            "striped": (lambda: sum(len(v) for v in striped.get_many(keys) if v is not None), spread, 1),
+            "striped-2-streams": (lambda: sum(pool.map(stream, split)), spread, 2),
         }
         samples: dict[str, list[float]] = {mode: [] for mode in modes}
         for round_ in range(repeats + 1):  # round 0 opens the connections and the TCP windows

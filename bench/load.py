@@ -41,13 +41,15 @@ class LoadParams:
     dtype: str = "float32"
 
 
-def _best(fn, repeats: int) -> float:
+def _timed_runs(fn, repeats: int, pick=min) -> float:
+    """pick (min or a median) of `repeats` timed calls of fn, after one untimed warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return pick(times)
 
 
 def memcpy_gbps(nbytes: int, device: torch.device, repeats: int) -> float:
@@ -55,14 +57,12 @@ def memcpy_gbps(nbytes: int, device: torch.device, repeats: int) -> float:
     the ceiling any load path can reach."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda").random_()
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src)
-    sync(device)
 
     def copy():
         dst.copy_(src)
         sync(device)
 
-    return nbytes / _best(copy, repeats) / 1e9
+    return nbytes / _timed_runs(copy, repeats) / 1e9
 
 
 def store_synthetic(writer: Client, layout, tokens: int, seed: int):
@@ -133,13 +133,7 @@ def resident_seconds(model, layout, tokens: int, repeats: int) -> float:
                            use_cache=True, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
         sync(device)
 
-    once()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _timed_runs(once, repeats, statistics.median)
 
 
 def run(p: LoadParams, progress: bool = True) -> Report:

@@ -41,6 +41,11 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
+def skip_reason(loopback_only: bool) -> str | None:
+    """Why a scenario runs on loopback instead of namespaces, or None."""
+    return "--loopback-only" if loopback_only else netns_unavailable_reason()
+
+
 def tbf_args(rate_bps: int) -> list[str]:
     """tbf with a bucket of >= 5 ms of traffic (and >= 4 GSO-sized packets) and 50 ms of queue:
     a smaller bucket undershoots the rate with TSO/GSO super-packets on veth."""

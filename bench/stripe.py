@@ -12,7 +12,7 @@ loopback where namespaces are unavailable (--loopback-only). One client fetches 
 - striped, 2 streams per node: the striped plan with each node's share split over two
   concurrent streams, to see whether more streams than nodes help.
 
-Run where `ip netns` works (root); each link is checked with a raw socket probe first.
+Run where `ip netns` works (root); elsewhere the nodes run on loopback.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from . import economics as ec
-from .netns import LinkSpec, NetnsLab, netns_unavailable_reason
+from .netns import LinkSpec, NetnsLab, skip_reason
 from .report import Report, Table
 from .servers import kvstore_node, run_worker
 
@@ -60,7 +60,7 @@ def _cluster(p: StripeParams, data: str, skipped: str | None):
 
 
 def measure(p: StripeParams, progress: bool = True) -> tuple[list[dict], str, str | None]:
-    skipped = "--loopback-only" if p.loopback_only else netns_unavailable_reason()
+    skipped = skip_reason(p.loopback_only)
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvbench-stripe-") as data, _cluster(p, data, skipped) as (ns, addrs, label), \
             tqdm(total=len(p.tokens), desc="stripe", disable=not progress, leave=False) as bar:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from . import economics as ec
-from .netns import LinkSpec, NetnsLab, netns_unavailable_reason
+from .netns import LinkSpec, NetnsLab, skip_reason
 from .report import Report, Table
 from .servers import kvstore_node, run_worker, socket_server
 
@@ -95,7 +95,7 @@ def _link_row(pl: Placement, m: dict, p: TopologyParams, preset: ec.CostPreset) 
 
 def measure(p: TopologyParams, preset: ec.CostPreset, progress: bool = True) -> tuple[list[dict], str | None]:
     all_links = placements(preset.egress_usd_per_gb)
-    skipped = "--loopback-only" if p.loopback_only else netns_unavailable_reason()
+    skipped = skip_reason(p.loopback_only)
     links = [pl for pl in all_links if not (pl.netns and skipped)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvbench-topology-") as data, \

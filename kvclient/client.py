@@ -276,7 +276,8 @@ class Client(ColocatedReads):
             if hits:
                 self._touches.add(node, hits)
         pending = [i for i in range(len(keys)) if not present[i] and not all_local[i]]
-        orders = {i: self.replicas(keys[i], i) for i in pending}
+        # a co-located replica already answered from its map: ask only the others
+        orders = {i: [n for n in self.replicas(keys[i], i) if readers.get(n) is None] for i in pending}
         for rank in range(self.replication):
             if not pending:
                 break

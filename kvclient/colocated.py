@@ -107,13 +107,14 @@ class ColocatedReader:
             return [txn.get(self.key_prefix + key) is not None for key in keys]
 
     @contextmanager
-    def views(self, keys: Sequence[bytes], verify: bool | None = None) -> Iterator[list[memoryview | None]]:
+    def views(self, keys: Sequence[bytes], verify: bool = True) -> Iterator[list[memoryview | None]]:
         """Verified payload views of `keys` (None: missing or corrupt), valid inside the block.
 
         `verify=False` skips the checksum (the structure is still checked) for callers whose
-        payloads carry their own checksum, so the bytes are hashed once, not twice.
+        payloads carry their own checksum, so the bytes are hashed once, not twice; a reader
+        made with verify=False never hashes.
         """
-        verify = self.verify if verify is None else verify
+        verify = self.verify and verify
         with self._begin() as txn:
             out: list[memoryview | None] = []
             for key in keys:

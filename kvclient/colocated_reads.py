@@ -51,7 +51,7 @@ class ColocatedReads:
         readers, local, _ = self._local_groups(keys)
         for node, idx in local.items():
             reader = readers[node]
-            with reader.views([keys[i] for i in idx], verify=verify and self.verify_colocated) as views:
+            with reader.views([keys[i] for i in idx], verify=verify) as views:
                 batch = [(i, view) for i, view in zip(idx, views) if view is not None]
                 if batch:
                     sink(batch)

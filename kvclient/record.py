@@ -38,9 +38,11 @@ def unpack(stored: bytes | memoryview, verify: bool = True) -> tuple[memoryview,
     view = memoryview(stored)
     if len(view) < HEADER_SIZE:
         raise Corrupt("record shorter than its header")
-    magic, version, _flags, size, digest = HEADER.unpack_from(view)
+    magic, version, flags, size, digest = HEADER.unpack_from(view)
     if magic != MAGIC or version != VERSION:
         raise Corrupt(f"bad record header (magic {bytes(magic)!r}, version {version})")
+    if flags != 0:  # no writer sets flags: a flipped bit
+        raise Corrupt("record header has unknown flags")
     payload = view[HEADER_SIZE:]
     if len(payload) != size:
         raise Corrupt(f"record length {len(payload)} != header {size}")

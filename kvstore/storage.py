@@ -105,8 +105,8 @@ class Storage:
         )
         self._map_size = self.env.info()["map_size"]  # fixed for the life of the environment
         self.data_db = self.env.open_db(DATA_DB, create=not readonly)
-        self.meta_db = self._meta = self.env.open_db(META_DB, create=not readonly)
-        self._dbs = [self.env.open_db(None), self.data_db, self._meta]
+        self.meta_db = self.env.open_db(META_DB, create=not readonly)
+        self._dbs = [self.env.open_db(None), self.data_db, self.meta_db]
         self.write_lock = threading.Lock()
         self.env_token = self._load_env_token()
         self.evictor = Evictor(self, high_water, tenant_quota)
@@ -117,10 +117,10 @@ class Storage:
             self.evictor.start(self._open_ledger())
 
     def _load_env_token(self) -> bytes:
-        with self.env.begin(db=self._meta) as txn:
+        with self.env.begin(db=self.meta_db) as txn:
             token = txn.get(ENV_TOKEN)
         if token is None and not self.readonly:
-            with self.env.begin(db=self._meta, write=True) as txn:
+            with self.env.begin(db=self.meta_db, write=True) as txn:
                 token = txn.get(ENV_TOKEN) or secrets.token_bytes(16)
                 txn.put(ENV_TOKEN, token)
         return bytes(token or b"")
@@ -128,12 +128,12 @@ class Storage:
     def _open_ledger(self) -> int:
         """Build the ledger of a store written before it existed; the lifetime eviction count."""
         with self.env.begin(write=True) as txn:
-            if txn.get(LEDGER_VERSION, db=self._meta) is None:
+            if txn.get(LEDGER_VERSION, db=self.meta_db) is None:
                 count = self.ledger.rebuild(txn, self.clock())
-                txn.put(LEDGER_VERSION, b"1", db=self._meta)
+                txn.put(LEDGER_VERSION, b"1", db=self.meta_db)
                 if count:
                     log.info("built the eviction ledger for %d existing records", count)
-            raw = txn.get(EVICTED, db=self._meta)
+            raw = txn.get(EVICTED, db=self.meta_db)
         return COUNT.unpack(raw)[0] if raw else 0
 
     # ---- writes -------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class Storage:
         Returns the length of the replaced value, None if the stored record stays."""
         old = txn.get(key)
         try:
-            self._unpack(old)
+            record.unpack(old)
             return None
         except Corrupt:
             log.warning("replacing corrupt record %s", key.hex())
@@ -200,43 +200,37 @@ class Storage:
         deleted = 0
         with self.write_lock, _full_is_exhausted(), self.env.begin(db=self.data_db, write=True, buffers=True) as txn:
             for key in keys:
-                old = txn.get(tenant + key)
+                old = txn.pop(tenant + key)
                 if old is not None:
                     changes.add(tenant, key, -(len(tenant) + len(key) + len(old)), access=False)
-                    txn.delete(tenant + key)
                     deleted += 1
             self.ledger.apply(txn, changes, self.clock())
         return deleted
 
     # ---- reads --------------------------------------------------------------------------
-    @staticmethod
-    def _unpack(stored: memoryview | bytes) -> tuple[memoryview, bytes]:
-        payload, digest = record.unpack(stored)
-        if record.HEADER.unpack_from(stored)[2] != 0:  # this node writes no flags: a flipped bit
-            raise Corrupt("record header has unknown flags")
-        return payload, digest
-
-    def exists(self, keys: list[bytes], tenant: bytes = b"") -> list[bool]:
+    @contextmanager
+    def _read_txn(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction over the data; a damaged page is reported as Corrupt, not INTERNAL."""
         try:
             with self.env.begin(db=self.data_db, buffers=True) as txn:
-                present = [txn.get(tenant + key) is not None for key in keys]
-        except DAMAGED as exc:  # a damaged page: report it, do not fail as INTERNAL
+                yield txn
+        except DAMAGED as exc:
             raise Corrupt(f"storage damaged: {exc}") from exc
+
+    def exists(self, keys: list[bytes], tenant: bytes = b"") -> list[bool]:
+        with self._read_txn() as txn:
+            present = [txn.get(tenant + key) is not None for key in keys]
         self.evictor.touch(tenant, (k for k, p in zip(keys, present) if p))
         return present
 
     def read_with(self, key: bytes, use: Callable[[memoryview, bytes], T], tenant: bytes = b"") -> T | None:
         """use(payload view, digest) of a verified record, inside the read transaction (the view
         dies with it, so `use` must copy what it keeps); None if missing; Corrupt if damaged."""
-        try:
-            with self.env.begin(db=self.data_db, buffers=True) as txn:
-                stored = txn.get(tenant + key)
-                if stored is None:
-                    return None
-                payload, digest = self._unpack(stored)
-                result = use(payload, digest)
-        except DAMAGED as exc:
-            raise Corrupt(f"storage damaged: {exc}") from exc
+        with self._read_txn() as txn:
+            stored = txn.get(tenant + key)
+            if stored is None:
+                return None
+            result = use(*record.unpack(stored))
         self.evictor.touch(tenant, [key])
         return result
 

@@ -158,7 +158,7 @@ def test_ledger_survives_restart_and_is_rebuilt_for_old_stores(tmp_path):
     with storage.env.begin(write=True) as txn:
         txn.drop(storage.ledger.lru, delete=False)
         txn.drop(storage.ledger.usage_db, delete=False)
-        txn.delete(b"ledger_version", db=storage._meta)
+        txn.delete(b"ledger_version", db=storage.meta_db)
     storage.close()
     storage = Storage(path, 64 * MiB, sync=False)
     with storage.env.begin() as txn:

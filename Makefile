@@ -31,4 +31,4 @@ bench: venv
 	$(VENV)/bin/kvbench all --quick --out bench/results/quick
 
 clean:
-	rm -rf $(VENV) kvclient/_pb/kvcache .pytest_cache
+	rm -rf $(VENV) kvproto/_pb/kvcache .pytest_cache

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from kvclient import Client
-from kvclient.keys import namespace
+from kvproto.keys import namespace
 
 from .report import Report, Table
 from .reuse import measure_rows, sync
@@ -89,10 +89,10 @@ def time_loads(paths: dict, plans: dict, layout, buffers, rounds: int) -> dict[t
     times), so a burst of noise on this shared box hits all lengths and paths alike instead of
     one of them.
     """
-    from inference.fastload import load_prefix_fast
+    from inference.loader import load_prefix
 
     def load(client, verify, plan) -> None:
-        prefix = load_prefix_fast(client, plan, layout, verify=verify, buffers=buffers)
+        prefix = load_prefix(client, plan, layout, verify=verify, buffers=buffers)
         sync(layout.device)
         if prefix.tokens != plan.num_tokens:
             raise RuntimeError(f"loaded {prefix.tokens} of {plan.num_tokens} tokens: {dict(prefix.reasons)}")

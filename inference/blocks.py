@@ -1,12 +1,12 @@
 """Blocks ⇄ DynamicCache: which keys a prompt has, loading its longest cached prefix, exporting new blocks.
 
-A stored record that does not fit (dtype, shape, layer), fails its checksum or is missing ends the
-reuse at its block: the prefix before it is used, the rest is prefilled, and the reason is counted.
+The loader (``inference.loader``) reads the stored prefix; a record that does not fit (dtype,
+shape, layer), fails its checksum or is missing ends the reuse at its block: the prefix before it
+is used, the rest is prefilled, and the reason is counted.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -17,12 +17,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from kvclient.keys import block_keys, record_key, tail_key
+from kvproto.keys import block_keys, record_key, tail_key
+from kvproto.record import prefix_length
 
-from .codec import RecordError, decode_into, encode
+from .codec import encode
 from .kvbuffers import KVBuffers
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class LoadedPrefix:
     reasons: Counter = field(default_factory=Counter)
     buffers: KVBuffers | None = None
     seconds: float = 0.0  # wall time of the load, lookup included
-    pending: Future | None = None  # a background load still running (fastload, background=True)
+    pending: Future | None = None  # a background load still running (loader, background=True)
 
     def settle(self) -> "LoadedPrefix":
         """The finished load (waiting for a background one). Its cache is this one's, which a
@@ -111,35 +110,6 @@ def target_buffers(layout: KVLayout, tokens: int, buffers: KVBuffers | None) -> 
     return buffers
 
 
-def load_prefix(client, plan: PrefixPlan, layout: KVLayout, config, max_tokens: int | None = None,
-                buffers: KVBuffers | None = None) -> LoadedPrefix:
-    """Fetch the longest cached prefix of `plan` (at most `max_tokens` of it) into `buffers`
-    (sized to the stored prefix if not given); one block at a time, over any client."""
-    started = time.perf_counter()
-    reasons: Counter = Counter()
-    lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
-    segments = _available_segments(client, plan, lookup_reasons)
-    total = sum(count for _, _, count in segments)
-    buffers = target_buffers(layout, total, buffers)
-    done = nbytes = 0  # segments decoded, in order
-    for key, start, count in segments:
-        try:
-            records = client.get_many([record_key(key, layer) for layer in range(layout.num_layers)])
-        except Exception as exc:  # a store failure is a miss, never a failed request
-            log.warning("fetching KV block failed: %s", exc)
-            reasons["store_error"] += 1
-            break
-        reason = _decode_segment(records, buffers, start, count)
-        if reason is not None:
-            reasons[reason] += 1
-            break
-        done += 1
-        nbytes += sum(len(r) for r in records)
-    if done == len(segments):
-        reasons.update(lookup_reasons)
-    return loaded_prefix(plan, segments[:done], buffers, max_tokens, nbytes, reasons, started)
-
-
 def loaded_prefix(plan: PrefixPlan, usable_segments, buffers: KVBuffers, max_tokens: int | None, nbytes: int,
                   reasons: Counter, started: float, ready=None) -> LoadedPrefix:
     """The LoadedPrefix of the segments that loaded (a prefix of the plan's, the tail maybe last)."""
@@ -151,37 +121,17 @@ def loaded_prefix(plan: PrefixPlan, usable_segments, buffers: KVBuffers, max_tok
                         reasons, buffers, seconds=time.perf_counter() - started)
 
 
-def _available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tuple[bytes, int, int]]:
-    """Blocks the store has (layer 0 present ⇒ all layers: a block is written in one atomic put)."""
-    present = 0
-    if plan.block_keys:
-        try:
-            present = client.lookup([record_key(key, 0) for key in plan.block_keys])
-        except Exception as exc:
-            log.warning("KV lookup failed: %s", exc)
-            reasons["store_error"] += 1
-            return []
+def available_segments(client, plan: PrefixPlan, reasons: Counter) -> list[tuple[bytes, int, int]]:
+    """The stored prefix of the plan's segments, from one batched lookup of every block and the
+    tail (layer 0 present ⇒ all layers: a segment is written in one atomic put)."""
     segments = plan.segments()
-    if present < len(plan.block_keys) or plan.tail_key is None:
-        if present < len(plan.block_keys):
-            reasons["absent"] += 1
-        return segments[:present]
-    return segments  # the tail is probed by fetching it
-
-
-def _decode_segment(records: list, buffers: KVBuffers, start: int, count: int) -> str | None:
-    """Decode one block's layer records into the preallocated tensors; the miss reason if unusable."""
-    if records[0] is None:
-        return "absent"
-    for layer, record in enumerate(records):
-        if record is None:
-            return "missing_layer"
-        try:
-            decode_into(record, buffers.span(layer, start, count), layer=layer)
-        except RecordError as exc:
-            log.warning("unusable KV record (layer %d): %s", layer, exc)
-            return exc.reason
-    return None
+    if not segments:
+        return []
+    present = client.exists([record_key(key, 0) for key, _, _ in segments])
+    usable = prefix_length(present)
+    if usable < len(plan.block_keys):
+        reasons["absent"] += 1
+    return segments[:usable]
 
 
 def export_segment(cache: DynamicCache, key: bytes, start: int, count: int, codec: str = "none") -> list[tuple[bytes, bytes]]:

@@ -55,7 +55,7 @@ def open_store(args: argparse.Namespace):
         with EmbeddedCluster(args.embedded, replication=args.replication) as client:
             yield client
     elif args.local is not None:
-        from kvclient.local import LocalStore
+        from kvstore.local import LocalStore
 
         with LocalStore(args.local) as store:
             yield store

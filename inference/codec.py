@@ -4,8 +4,13 @@ One record holds one layer of one block: shape [2, kv_heads, tokens, head_dim] (
 little-endian elements (bf16 as its raw 2 bytes). Pure functions, no I/O; never pickle.
 
 Header (64 bytes, little-endian): magic b"KVB1" | version u16 | header size u16 | dtype u8 |
-codec u8 | layer u16 | shape 4 x u32 | raw length u64 | stored length u64 | XXH3-64 of the raw bytes
-u64 | 12 reserved bytes. The header size is a multiple of 16, so element data stays aligned.
+codec u8 | layer u16 | shape 4 x u32 | raw length u64 | stored length u64 | 20 reserved bytes.
+The header size is a multiple of 16, so element data stays aligned.
+
+The payload carries no checksum of its own: it is the payload of a store record
+(``kvproto.record``), whose one digest covers key ‖ this header ‖ the data and is checked once
+per hop. Version 1 headers (with an XXH3-64 in the reserved bytes) still parse; that field is
+ignored (the store digest covers it).
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import xxhash
 import zstandard
 
 MAGIC = b"KVB1"
-VERSION = 1
-HEADER = struct.Struct("<4sHHBBH4IQQQ12x")
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+HEADER = struct.Struct("<4sHHBBH4IQQ20x")
 HEADER_SIZE = HEADER.size  # 64
 
 CODEC_NONE = 0
@@ -58,7 +63,6 @@ class RecordHeader:
     shape: tuple[int, int, int, int]  # (2, kv_heads, tokens, head_dim)
     raw_length: int
     stored_length: int
-    checksum: int
 
     @property
     def tokens(self) -> int:
@@ -75,18 +79,14 @@ def encode(keys: torch.Tensor, values: torch.Tensor, layer: int, codec: str = "n
         raise ValueError(f"unknown codec {codec!r} (have {sorted(CODECS)})")
     raw = _raw_bytes(keys) + _raw_bytes(values)
     stored = _byteplane_compress(raw, keys.element_size()) if CODECS[codec] else raw
-    header = pack_header(keys.dtype, CODECS[codec], layer, (2, *keys.shape), len(raw), len(stored),
-                         xxhash.xxh3_64_intdigest(raw))
+    header = pack_header(keys.dtype, CODECS[codec], layer, (2, *keys.shape), len(raw), len(stored))
     return header + stored
 
 
-FIXED_HEADER_SIZE = HEADER_SIZE - 20  # bytes before the checksum: fixed by dtype, codec, layer, shape
-
-
 def pack_header(dtype: torch.dtype, codec: int, layer: int, shape: tuple[int, int, int, int], raw_length: int,
-                stored_length: int, checksum: int) -> bytes:
+                stored_length: int) -> bytes:
     return HEADER.pack(MAGIC, VERSION, HEADER_SIZE, DTYPE_CODES[dtype], codec, layer, *shape, raw_length,
-                       stored_length, checksum)
+                       stored_length)
 
 
 def parse_header(record: bytes | memoryview) -> RecordHeader:
@@ -94,8 +94,8 @@ def parse_header(record: bytes | memoryview) -> RecordHeader:
     if len(view) < HEADER_SIZE:
         raise RecordError("bad_header", "record shorter than its header")
     magic, version, size, dtype_code, codec, layer, *rest = HEADER.unpack_from(view)
-    shape, (raw_length, stored_length, checksum) = tuple(rest[:4]), rest[4:]
-    if magic != MAGIC or version != VERSION or size != HEADER_SIZE:
+    shape, (raw_length, stored_length) = tuple(rest[:4]), rest[4:]
+    if magic != MAGIC or version not in READABLE_VERSIONS or size != HEADER_SIZE:
         raise RecordError("bad_header", f"unknown record format {bytes(magic)!r} v{version}")
     if dtype_code not in DTYPES or codec not in CODECS.values():
         raise RecordError("bad_header", f"unknown dtype code {dtype_code} or codec {codec}")
@@ -104,17 +104,15 @@ def parse_header(record: bytes | memoryview) -> RecordHeader:
     dtype = DTYPES[dtype_code]
     if shape[0] != 2 or raw_length != math.prod(shape) * _ITEMSIZE[dtype]:
         raise RecordError("bad_header", f"shape {shape} does not match raw length {raw_length}")
-    return RecordHeader(dtype, codec, layer, shape, raw_length, stored_length, checksum)
+    return RecordHeader(dtype, codec, layer, shape, raw_length, stored_length)
 
 
-def raw_payload(record: bytes | memoryview, header: RecordHeader, verify: bool = True) -> memoryview:
+def raw_payload(record: bytes | memoryview, header: RecordHeader) -> memoryview:
     """The raw K‖V bytes of a record, as a view of `record` when it is stored uncompressed."""
     stored = memoryview(record)[HEADER_SIZE:]
     raw = stored if header.codec == CODEC_NONE else memoryview(_byteplane_decompress(stored, header))
     if len(raw) != header.raw_length:
         raise RecordError("corrupt", "decoded length differs from the header")
-    if verify and xxhash.xxh3_64_intdigest(raw) != header.checksum:
-        raise RecordError("corrupt", "record checksum mismatch")
     return raw
 
 
@@ -122,7 +120,6 @@ def decode_into(
     record: bytes | memoryview,
     dest: torch.Tensor,
     header: RecordHeader | None = None,
-    verify: bool = True,
     layer: int | None = None,
 ) -> RecordHeader:
     """Decode a record into a preallocated [2, kv_heads, tokens, head_dim] slot (K at [0], V at
@@ -137,7 +134,7 @@ def decode_into(
         raise RecordError("dtype_mismatch", f"record dtype {header.dtype}, model needs {dest.dtype}")
     if header.shape != tuple(dest.shape):
         raise RecordError("shape_mismatch", f"record shape {header.shape}, model needs {tuple(dest.shape)}")
-    raw = raw_payload(record, header, verify)
+    raw = raw_payload(record, header)
     dest.copy_(torch.frombuffer(raw, dtype=header.dtype).view(header.shape))
     return header
 

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from kvclient.keys import DEFAULT_BLOCK_SIZE, namespace, record_key
+from kvproto.keys import DEFAULT_BLOCK_SIZE, namespace, record_key
 
-from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, load_prefix, plan_prefix
+from kvproto.errors import KVCacheError
+
+from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, plan_prefix
 from .codec import CODECS
-from .fastload import PrefixShortened, load_prefix_fast
+from .loader import PrefixShortened, load_prefix
 from .fingerprint import fingerprint
 from .kvbuffers import KVArena
 
@@ -81,7 +83,7 @@ class FirstTokenClock(BaseStreamer):
 
 
 class CachedGenerator:
-    """Token-exact generation that reuses KV from a store (duck-typed client: lookup/get_many/put_many)."""
+    """Token-exact generation that reuses KV from any ``kvproto.store.Store``."""
 
     def __init__(
         self,
@@ -96,10 +98,17 @@ class CachedGenerator:
         verify_loads: bool = True,
         kv_pool_bytes: int = 4 << 30,
         pipeline_loads: bool | None = None,
+        *,
+        internal_errors: str = "count",
     ) -> None:
-        """`prefix_loader(client, plan, layout, config, max_tokens=, buffers=)` fetches the cached
-        prefix into `buffers`: by default the fast path (fastload.load_prefix_fast) for clients
-        that can hand out record views (`read_into`), else blocks.load_prefix.
+        """`client` is any ``kvproto.store.Store``. `prefix_loader(client, plan, layout, config,
+        max_tokens=, buffers=, background=)` fetches the cached prefix into `buffers`: by default
+        ``inference.loader.load_prefix``.
+
+        A store error or an unusable record is a counted miss. Anything else the load or the
+        publish raises is a bug: `internal_errors="raise"` (tests) lets it through; "count" (the
+        default, for production) logs it with its traceback, counts `internal_error` and answers
+        the request by a full prefill.
 
         Each request's KV lives in buffers sized for prompt + new tokens; up to `kv_pool_bytes`
         of them are kept warm for the next request (0: a fresh allocation every time).
@@ -111,6 +120,9 @@ class CachedGenerator:
             raise ValueError("block_size must be positive")
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r} (have {sorted(CODECS)})")
+        if internal_errors not in ("count", "raise"):
+            raise ValueError(f"internal_errors must be 'count' or 'raise', got {internal_errors!r}")
+        self.internal_errors = internal_errors
         self.model = model
         self.client = client
         self.block_size = block_size
@@ -118,12 +130,7 @@ class CachedGenerator:
         self.publish = publish
         self.layout = KVLayout.of(model)
         self.pipeline_loads = pipeline_loads
-        self._fast = prefix_loader is None and hasattr(client, "read_into")
-        if self._fast:
-            prefix_loader = functools.partial(load_prefix_fast, verify=verify_loads)
-        elif prefix_loader is None:
-            prefix_loader = load_prefix
-        self.prefix_loader = prefix_loader
+        self.prefix_loader = prefix_loader or functools.partial(load_prefix, verify=verify_loads)
         self.arena = KVArena(self.layout, keep=1, max_bytes=kv_pool_bytes)
         self.fingerprint = fingerprint(model, tokenizer)
         self.namespace = namespace(self.fingerprint, tenant_salt)
@@ -166,9 +173,12 @@ class CachedGenerator:
         return result
 
     def _generate(self, ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs) -> GenerationResult:
-        pipelined = {"background": self.pipelined()} if self._fast else {}
-        prefix = self.prefix_loader(self.client, plan, self.layout, self.model.config, max_tokens=len(tokens) - 1,
-                                    buffers=buffers, **pipelined)
+        load = functools.partial(self.prefix_loader, self.client, plan, self.layout, self.model.config,
+                                 max_tokens=len(tokens) - 1, buffers=buffers)
+        try:
+            prefix = load(background=self.pipelined())
+        except Exception as exc:  # noqa: BLE001 - a bug in the load: see internal_errors
+            prefix = self._internal_error("loading", exc, load)
         fetch_seconds = time.perf_counter() - started
 
         clock = FirstTokenClock(generate_kwargs.pop("streamer", None))
@@ -185,8 +195,17 @@ class CachedGenerator:
                 prefix = prefix.settle()
                 clock.restart()
                 out = run(prefix.cache)
+            except Exception as exc:  # noqa: BLE001 - a bug in a pipelined load: see internal_errors
+                if prefix.pending is None:
+                    raise  # the model's own error, not the load's
+                prefix = self._internal_error("loading", exc, load)
+                clock.restart()
+                out = run(prefix.cache)
         finally:
-            prefix = prefix.settle()  # no load may still write into buffers that go back to the pool
+            try:
+                prefix = prefix.settle()  # no load may still write into buffers that go back to the pool
+            except Exception as exc:  # noqa: BLE001
+                prefix = self._internal_error("loading", exc, load)
         prefill_seconds = (clock.first_token_at or time.perf_counter()) - started
 
         published = self._publish_new(plan, prefix) if self.publish else None
@@ -204,6 +223,16 @@ class CachedGenerator:
             logits=getattr(out, "logits", None),
             published=published,
         )
+
+    def _internal_error(self, what: str, exc: Exception, load) -> LoadedPrefix:
+        """A bug while `what`: raise it (tests), or log it, count it and go on without the prefix."""
+        if self.internal_errors == "raise":
+            raise exc
+        log.error("internal error while %s KV; answering by a full prefill", what, exc_info=exc)
+        with self._stats_lock:
+            self.stats["internal_error"] += 1
+        buffers = load.keywords["buffers"]
+        return LoadedPrefix(buffers.cache(0), 0, 0, False, 0, Counter(internal_error=1), buffers)
 
     def pipelined(self) -> bool:
         """Whether this request's load runs behind its forward (see `pipeline_loads`)."""
@@ -248,10 +277,16 @@ class CachedGenerator:
                 if not there:  # someone else may have published it since our lookup
                     self.client.put_many(export_segment(cache, key, start, count, self.codec))
                     stored += 1
-        except Exception as exc:  # write-behind: a failed publish costs a later miss, never an answer
+        except KVCacheError as exc:  # write-behind: a failed publish costs a later miss, never an answer
             log.warning("publishing KV blocks failed after %d of %d: %s", stored, len(segments), exc)
             with self._stats_lock:
                 self.stats["publish_errors"] += 1
+        except Exception as exc:  # noqa: BLE001 - a bug: raised (tests) or counted with its traceback
+            if self.internal_errors == "raise":
+                raise
+            log.error("internal error while publishing KV blocks", exc_info=exc)
+            with self._stats_lock:
+                self.stats["internal_error"] += 1
         finally:
             with self._stats_lock:
                 self._inflight.difference_update(key for key, _, _ in segments)

@@ -1,8 +1,8 @@
 """Client library of the distributed KV-cache store."""
 
 from .client import Client
-from .errors import Corrupt, InvalidArgument, KVCacheError, NotFound, QuotaExceeded, Unavailable
-from .keys import block_keys, namespace, record_key, tail_key
+from kvproto.errors import Corrupt, InvalidArgument, KVCacheError, NotFound, QuotaExceeded, Unavailable
+from kvproto.keys import block_keys, namespace, record_key, tail_key
 from .ring import HashRing
 
 __all__ = [

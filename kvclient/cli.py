@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # before grpc loads: errors are
 from .client import Client
 from .cluster import parse_nodes
 from .healing import rebalance
-from .errors import KVCacheError
+from kvproto.errors import KVCacheError
 
 
 def parse_key(text: str) -> bytes:

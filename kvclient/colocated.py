@@ -12,28 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import lmdb
 
-from . import record
-from .errors import Corrupt, KVCacheError
+from kvproto import record
+from kvproto.errors import Corrupt, KVCacheError
+from kvproto.host import host_id
 
 log = logging.getLogger(__name__)
 
 DATA_DB, META_DB, ENV_TOKEN = record.DATA_DB, record.META_DB, record.ENV_TOKEN
-
-
-def host_id() -> str:
-    """Same host ⇔ same hostname and same kernel boot."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "no-boot-id"
-    return f"{socket.gethostname()}/{boot}"
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
@@ -107,27 +97,30 @@ class ColocatedReader:
             return [txn.get(self.key_prefix + key) is not None for key in keys]
 
     @contextmanager
-    def views(self, keys: Sequence[bytes], verify: bool = True) -> Iterator[list[memoryview | None]]:
-        """Verified payload views of `keys` (None: missing or corrupt), valid inside the block.
+    def views(self, keys: Sequence[bytes], verify: bool = True) -> Iterator[list[tuple[memoryview | None, bytes | None]]]:
+        """(payload view, digest still to check) per key, valid inside the block; (None, None)
+        for a missing or damaged record.
 
-        `verify=False` skips the checksum (the structure is still checked) for callers whose
-        payloads carry their own checksum, so the bytes are hashed once, not twice; a reader
-        made with verify=False never hashes.
+        With verification on (the reader's and the call's) each record is checked here against
+        the key it was asked for and its digest comes back as None. `verify=False` checks the
+        structure only and hands the digest to the caller, who hashes the bytes where it copies
+        them (once, not twice); a reader made with verify=False never hashes.
         """
         verify = self.verify and verify
         with self._begin() as txn:
-            out: list[memoryview | None] = []
+            out: list[tuple[memoryview | None, bytes | None]] = []
             for key in keys:
                 stored = txn.get(self.key_prefix + key)
                 if stored is None:
-                    out.append(None)
+                    out.append((None, None))
                     continue
                 try:
-                    out.append(record.unpack(stored, verify=verify)[0])
+                    payload, digest = record.unpack(key, stored, verify=verify)
+                    out.append((payload, None if verify or not self.verify else digest))
                 except Corrupt:
                     self.corrupt += 1
                     log.warning("corrupt record %s in %s", key.hex(), self.path)
-                    out.append(None)
+                    out.append((None, None))
             yield out
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import KVCacheError
+from kvproto.errors import KVCacheError
 
 log = logging.getLogger(__name__)
 

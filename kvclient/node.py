@@ -7,21 +7,17 @@ from dataclasses import dataclass
 
 import grpc
 
-from . import record
-from .errors import from_rpc_error
-from .framing import with_bytes_field
-from .pb import SERVICE_NAME, kvcache_pb2 as pb
+from kvproto import record
+from kvproto.errors import from_rpc_error
+from kvproto.framing import with_bytes_field
+from kvproto.limits import CHUNK_BYTES, PUT_DATA_FIELD, grpc_channel_options
+from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
-CHUNK_BYTES = 1 << 20
-PUT_DATA_FIELD = 4  # PutRequest.data
-MESSAGE_LIMIT = 8 << 20
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    *grpc_channel_options(),
     ("grpc.enable_retries", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
 ]
 
 
@@ -31,10 +27,10 @@ class Credentials:
     tls_ca: bytes | None = None
 
 
-def _chunks(key: bytes, value: bytes | memoryview) -> Iterator[bytes]:
+def _chunks(key: bytes, value: bytes | memoryview, digest: bytes) -> Iterator[bytes]:
     """Serialized PutRequest messages of one record, each payload chunk copied once."""
     view = memoryview(value).cast("B")
-    head = pb.PutRequest(key=key, size=len(view), checksum=record.checksum(view)).SerializeToString()
+    head = pb.PutRequest(key=key, size=len(view), checksum=digest).SerializeToString()
     yield with_bytes_field(head, PUT_DATA_FIELD, view[:CHUNK_BYTES])
     for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
         yield with_bytes_field(b"", PUT_DATA_FIELD, view[start : start + CHUNK_BYTES])
@@ -66,9 +62,13 @@ class NodeConnection:
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
 
-    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]], timeout: float) -> pb.PutResponse:
-        """Store records in one stream: one transaction on the node, all or nothing."""
-        requests = (msg for key, value in items for msg in _chunks(key, value))
+    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]], timeout: float,
+            digests: Sequence[bytes] | None = None) -> pb.PutResponse:
+        """Store records in one stream: one transaction on the node, all or nothing. `digests`
+        (kvproto.record.digest of each item) lets a caller writing R replicas hash once."""
+        if digests is None:
+            digests = [record.digest(key, value) for key, value in items]
+        requests = (msg for (key, value), digest in zip(items, digests) for msg in _chunks(key, value, digest))
         return self._call(self._put, requests, timeout)
 
     def get(self, keys: Sequence[bytes], timeout: float) -> Iterator[tuple[int, bytes | None, bool]]:
@@ -86,7 +86,7 @@ class NodeConnection:
                 parts.append(msg.data)
                 if msg.last:
                     value = b"".join(parts)
-                    ok = len(value) == head.size and record.checksum(value) == head.checksum
+                    ok = len(value) == head.size and record.digest(keys[head.index], value) == head.checksum
                     yield head.index, (value if ok else None), not ok
                     head = None
         except grpc.RpcError as err:

@@ -14,7 +14,7 @@ import logging
 
 import grpc
 
-from kvclient.errors import Unauthenticated
+from kvproto.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
 

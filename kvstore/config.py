@@ -5,12 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-MiB = 1 << 20
-GiB = 1 << 30
+from kvproto.limits import MiB
 
-MAX_KEY_BYTES = 256
-CHUNK_BYTES = 1 * MiB
-GRPC_MESSAGE_LIMIT = 8 * MiB
+GiB = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
-from kvclient import record
-from kvclient.errors import QuotaExceeded
+from kvproto import record
+from kvproto.errors import QuotaExceeded
 
 from .ledger import COUNT, group_id, page_bytes
 

@@ -10,21 +10,17 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvclient.pb import SERVICE_NAME
+from kvproto.limits import grpc_channel_options
+from kvproto.pb import SERVICE_NAME
 
-from .config import GRPC_MESSAGE_LIMIT, ServerConfig
+from .config import ServerConfig
 from .metrics import NodeMetrics
 from .servicer import KVCacheServicer, instrumented
 from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
-    ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
-    ("grpc.so_reuseport", 0),
-    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),  # fewer, larger HTTP/2 frames per 1 MiB message
-]
+GRPC_OPTIONS = [*grpc_channel_options(), ("grpc.so_reuseport", 0)]
 
 
 @dataclass

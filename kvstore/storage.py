@@ -1,8 +1,9 @@
 """LMDB-backed record storage: one environment per process, checksummed records, atomic batches.
 
-Each value is the record envelope of ``kvclient.record`` (header with XXH3-128 of the payload)
+Each value is the record of ``kvproto.record`` (header with the XXH3-128 of key ‖ payload)
 followed by the payload. A batch of records is committed in one write transaction, so a reader
-sees all of it or none of it. Checksums are verified on every read.
+sees all of it or none of it. Records are verified on receipt (the servicer) and by the reader:
+in-process reads verify here, gRPC reads check the structure here and the digest in the client.
 
 Records live under their tenant's prefix (``b""`` without auth). The ledger of
 ``kvstore.ledger`` (size and last access per block, bytes per tenant) is updated in the same write
@@ -23,8 +24,8 @@ from typing import TypeVar
 
 import lmdb
 
-from kvclient import record
-from kvclient.errors import Corrupt, QuotaExceeded
+from kvproto import record
+from kvproto.errors import Corrupt, QuotaExceeded
 
 from .eviction import EVICTED, Evictor
 from .ledger import COUNT, Changes, Ledger, group_id
@@ -33,7 +34,7 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-DATA_DB, META_DB, ENV_TOKEN = record.DATA_DB, record.META_DB, record.ENV_TOKEN
+DATA_DB, META_DB, ENV_TOKEN, FORMAT_KEY = record.DATA_DB, record.META_DB, record.ENV_TOKEN, record.FORMAT_KEY
 LEDGER_VERSION = b"ledger_version"
 DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError)  # what a flipped bit in a page raises
 
@@ -47,12 +48,21 @@ def _full_is_exhausted() -> Iterator[None]:
         raise QuotaExceeded("store is full (LMDB map size reached)") from exc
 
 
+class FormatError(ValueError):
+    """The files hold records of a format this node does not read (one line, names the fix)."""
+
+
 @dataclass(frozen=True)
 class IncomingRecord:
     key: bytes
-    digest: bytes
+    digest: bytes  # kvproto.record.digest(key, payload), already checked
     payload: bytes | memoryview
     envelope: bytes | None = None  # header + payload already joined (payload is a view into it)
+
+    @classmethod
+    def of(cls, key: bytes, payload: bytes | memoryview) -> "IncomingRecord":
+        """A record made in this process (its digest computed here, once)."""
+        return cls(key, record.digest(key, payload), payload)
 
     @classmethod
     def from_parts(cls, key: bytes, digest: bytes, size: int, parts: list[bytes]) -> "IncomingRecord":
@@ -109,6 +119,7 @@ class Storage:
         self._dbs = [self.env.open_db(None), self.data_db, self.meta_db]
         self.write_lock = threading.Lock()
         self.env_token = self._load_env_token()
+        self._check_format()
         self.evictor = Evictor(self, high_water, tenant_quota)
         self.ledger: Ledger | None = None
         if not readonly:
@@ -124,6 +135,26 @@ class Storage:
                 token = txn.get(ENV_TOKEN) or secrets.token_bytes(16)
                 txn.put(ENV_TOKEN, token)
         return bytes(token or b"")
+
+    def _check_format(self) -> None:
+        """Refuse files of another record format (never serve them as silent misses)."""
+        with self.env.begin() as txn:
+            found = txn.get(FORMAT_KEY, db=self.meta_db)
+            empty = txn.stat(self.data_db)["entries"] == 0
+        current = str(record.VERSION).encode()
+        if found == current:
+            return
+        if found is None and empty and not self.readonly:
+            with self.env.begin(db=self.meta_db, write=True) as txn:
+                txn.put(FORMAT_KEY, current)
+            return
+        if found is None:
+            self.env.close()
+            raise FormatError(f"{self.path} holds records of format 1 (KVR1); "
+                              f"convert them with `kvstore migrate --data {self.path}`")
+        self.env.close()
+        raise FormatError(f"{self.path} holds records of format {found.decode(errors='replace')}, "
+                          f"this node reads format {record.VERSION}")
 
     def _open_ledger(self) -> int:
         """Build the ledger of a store written before it existed; the lifetime eviction count."""
@@ -167,7 +198,7 @@ class Storage:
                     stored += 1
                     changes.add(tenant, rec.key, len(key) + len(value))
                     continue
-                replaced = self._replace_if_corrupt(txn, key, value)
+                replaced = self._replace_if_corrupt(txn, rec.key, key, value)
                 if replaced is None:
                     existed += 1
                     changes.touch(tenant, rec.key)
@@ -181,18 +212,19 @@ class Storage:
                     raise QuotaExceeded(f"tenant quota of {quota} bytes exceeded ({used})")
         return stored, existed
 
-    def _replace_if_corrupt(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> int | None:
-        """First writer wins, except over a record that fails its checksum (repair).
+    def _replace_if_corrupt(self, txn: lmdb.Transaction, key: bytes, stored_key: bytes, value: bytes) -> int | None:
+        """First writer wins, except over a record that fails its checksum (repair), including
+        one whose bytes are intact but belong to another key.
 
         Returns the length of the replaced value, None if the stored record stays."""
-        old = txn.get(key)
+        old = txn.get(stored_key)
         try:
-            record.unpack(old)
+            record.unpack(key, old)
             return None
         except Corrupt:
             log.warning("replacing corrupt record %s", key.hex())
             size = len(old)
-            txn.put(key, value)
+            txn.put(stored_key, value)
             return size
 
     def delete(self, keys: Iterable[bytes], tenant: bytes = b"") -> int:
@@ -223,16 +255,42 @@ class Storage:
         self.evictor.touch(tenant, (k for k, p in zip(keys, present) if p))
         return present
 
-    def read_with(self, key: bytes, use: Callable[[memoryview, bytes], T], tenant: bytes = b"") -> T | None:
-        """use(payload view, digest) of a verified record, inside the read transaction (the view
-        dies with it, so `use` must copy what it keeps); None if missing; Corrupt if damaged."""
+    def read_with(self, key: bytes, use: Callable[[memoryview, bytes], T], tenant: bytes = b"",
+                  verify: bool = True) -> T | None:
+        """use(payload view, digest) of a record, inside the read transaction (the view dies with
+        it, so `use` must copy what it keeps); None if missing; Corrupt if damaged. With
+        `verify=False` only the structure is checked here: the reader checks the digest."""
         with self._read_txn() as txn:
             stored = txn.get(tenant + key)
             if stored is None:
                 return None
-            result = use(*record.unpack(stored))
+            result = use(*record.unpack(key, stored, verify))
         self.evictor.touch(tenant, [key])
         return result
+
+    def read_batch(self, keys: list[bytes], sink: Callable[[list], None], tenant: bytes = b"",
+                   verify: bool = True) -> list[bool]:
+        """sink([(index, payload view, digest or None)]) of every readable key, in one read
+        transaction and one batch (the views die when sink returns). A damaged record is
+        logged and reported as not found. With `verify=False` the sink gets each digest to check."""
+        found = [False] * len(keys)
+        batch = []
+        with self._read_txn() as txn:
+            for i, key in enumerate(keys):
+                stored = txn.get(tenant + key)
+                if stored is None:
+                    continue
+                try:
+                    payload, digest = record.unpack(key, stored, verify)
+                except Corrupt as exc:
+                    log.warning("corrupt record %s: %s", key.hex(), exc)
+                    continue
+                batch.append((i, payload, None if verify else digest))
+                found[i] = True
+            if batch:
+                sink(batch)
+        self.evictor.touch(tenant, (k for k, f in zip(keys, found) if f))
+        return found
 
     def get(self, key: bytes, tenant: bytes = b"") -> bytes | None:
         """A verified record's payload (copied out), None if missing; Corrupt if damaged."""

@@ -7,10 +7,10 @@ reply is its small fields serialized normally followed by field 5 (`data`) frame
 
 from __future__ import annotations
 
-from kvclient.framing import with_bytes_field
-from kvclient.pb import kvcache_pb2 as pb
+from kvproto.framing import with_bytes_field
+from kvproto.pb import kvcache_pb2 as pb
 
-DATA_FIELD = 5  # GetResponse.data
+from kvproto.limits import GET_DATA_FIELD as DATA_FIELD
 
 
 def found_frames(index: int, payload: memoryview, digest: bytes, chunk: int) -> list[bytes]:

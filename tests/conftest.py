@@ -37,6 +37,16 @@ def wait_healthy(address: str, timeout: float = 20.0) -> None:
                 raise TimeoutError(f"{address} not healthy")
 
 
+@pytest.fixture(autouse=True)
+def internal_errors_raise(monkeypatch):
+    """In tests a bug in the load or publish path raises (production counts it: internal_error)."""
+    from inference.generator import CachedGenerator
+
+    defaults = dict(CachedGenerator.__init__.__kwdefaults__)
+    defaults["internal_errors"] = "raise"
+    monkeypatch.setattr(CachedGenerator.__init__, "__kwdefaults__", defaults)
+
+
 @pytest.fixture
 def make_node(tmp_path) -> Iterator:
     """Start in-process nodes: make_node(**config_overrides) -> Node."""

@@ -10,7 +10,7 @@ import torch
 
 from inference.models import load_model
 from kvclient import Client
-from kvclient.local import LocalStore
+from kvstore.local import LocalStore
 from kvstore.config import ServerConfig
 from kvstore.server import create_server
 from tests.conftest import NodeProcess, wait_healthy

@@ -43,6 +43,13 @@ def test_without_plot_still_writes_png(tmp_path):
 
 
 def test_env_names_cpu_and_versions():
+    import platform
+    import subprocess
+
+    import torch
+
     env = capture_env()
-    assert env["cpu"] and env["python"].count(".") == 2
-    assert isinstance(env["gpu"], list)
+    assert env["cpu"] and env["python"] == platform.python_version() and env["cpu_count"] >= 1
+    assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert env["git_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert isinstance(env["gpu"], list) and (env["gpu"] != []) == torch.cuda.is_available()

@@ -83,8 +83,9 @@ def test_load_smoke(tmp_path):
               "--repeats", "1", "--threads", "1,2", "--no-progress"])
     doc = json.loads((tmp_path / "load.json").read_text())
     figures = doc["figures"] if "figures" in doc else doc
-    for key in ("memcpy_gbps", "colocated_gbps", "grpc_gbps", "colocated_unverified_gbps", "load_per_token_spread"):
-        assert figures[key] > 0 or key == "load_per_token_spread"
+    for key in ("memcpy_gbps", "colocated_gbps", "grpc_gbps", "colocated_unverified_gbps"):
+        assert 0 < figures[key] < 1000, key  # GB/s: measured, and not a division by ~0
+    assert 0 <= figures["load_per_token_spread"] < 10
     rows = figures["rows"]
     assert {(r["transport"], r["torch_threads"]) for r in rows} == {
         (t, n) for t in ("colocated", "colocated-unverified", "colocated-pipelined", "grpc") for n in (1, 2)}

@@ -109,7 +109,7 @@ def _hits(node) -> float:
 def test_striped_reads_spread_a_block_over_its_replicas(make_node, stripe):
     """A block's layer records share one ring position: from primaries one node serves them all;
     striped, every replica serves a third, and the bytes are the same either way."""
-    from kvclient.keys import record_key
+    from kvproto.keys import record_key
 
     nodes = [make_node() for _ in range(3)]
     addrs = [f"127.0.0.1:{n.port}" for n in nodes]

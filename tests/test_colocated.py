@@ -34,7 +34,7 @@ def test_colocated_reads_equal_grpc_reads(spawn_node):
 
         def sink(batch):
             batches.append(len(batch))
-            seen.update((i, bytes(view)) for i, view in batch)
+            seen.update((i, bytes(view)) for i, view, _ in batch)
 
         found = fast.read_into(keys, sink)
         assert batches == [len(values)]  # one batch: one read transaction on the node's map

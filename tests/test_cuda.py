@@ -10,7 +10,7 @@ import torch
 
 from inference import CachedGenerator
 from inference.blocks import export_segment
-from inference.fastload import load_prefix_fast
+from inference.loader import load_prefix
 from inference.models import load_model
 from tests.conftest_models import BLOCK, colocated_store, prompt  # noqa: F401  (fixture)
 
@@ -32,7 +32,7 @@ def test_cuda_load_equals_fresh_prefill(background, colocated_store) -> None:
     plan = gen.plan(ids[0].tolist())
     for key, start, count in plan.segments():
         colocated_store.put_many(export_segment(fresh, key, start, count))
-    loaded = load_prefix_fast(colocated_store, plan, gen.layout, background=background)
+    loaded = load_prefix(colocated_store, plan, gen.layout, background=background)
     for layer in loaded.cache.layers:
         layer.wait_ready()
     loaded = loaded.settle()

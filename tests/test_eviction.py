@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kvclient import Client, QuotaExceeded
-from kvclient import record
+from kvproto import record
 from kvstore.auth import tenant_prefix
 from kvstore.eviction import LOW_WATER
 from kvstore.ledger import ENTRY, group_id
@@ -34,7 +34,7 @@ def value(key: bytes, size: int) -> bytes:
 
 
 def incoming(keys: list[bytes], size: int) -> list[IncomingRecord]:
-    return [IncomingRecord(k, record.checksum(value(k, size)), value(k, size)) for k in keys]
+    return [IncomingRecord.of(k, value(k, size)) for k in keys]
 
 
 def test_lru_evicts_whole_cold_blocks_keeps_hot_ones_and_reuses_pages(make_node):
@@ -236,8 +236,7 @@ def test_ledger_matches_records_and_groups_go_whole(tmp_path_factory, ops):
             keys = [k for item in items for k in _keys_of(item)]
             if kind == "put":
                 try:
-                    storage.put_batch([IncomingRecord(k, record.checksum(value(k, _size_of(k))),
-                                                      value(k, _size_of(k))) for k in keys], tenant)
+                    storage.put_batch([IncomingRecord.of(k, value(k, _size_of(k))) for k in keys], tenant)
                     ok = True
                 except QuotaExceeded:
                     ok = False

@@ -10,8 +10,9 @@ from google.protobuf.descriptor import FieldDescriptor as FD
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kvclient import Client, record
-from kvclient.pb import SERVICE_NAME, kvcache_pb2 as pb
+from kvclient import Client
+from kvproto import record
+from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 from kvstore.config import ServerConfig
 from kvstore.server import build_node
 
@@ -127,7 +128,7 @@ def put_streams(draw) -> tuple[list[bytes], set[bytes], bool]:
     for _ in range(draw(st.integers(1, 4))):
         key = draw(st.binary(min_size=1, max_size=40))
         payload = draw(st.binary(max_size=3000))
-        digest = record.checksum(payload)
+        digest = record.digest(key, payload)
         size = len(payload)
         fault = draw(st.sampled_from(["none", "none", "flip", "short", "long", "zero-size", "checksum"]))
         if fault == "flip" and payload:
@@ -176,13 +177,13 @@ def test_every_bit_flip_in_transit_is_data_loss(fuzz_node, data):
     nodes, channels = fuzz_node
     size = data.draw(st.one_of(st.integers(1, 4096), st.integers(MiB - 2, MiB + 2), st.integers(MiB, 2 * MiB + 10)))
     payload = bytearray(data.draw(st.binary(min_size=64, max_size=64)) * (size // 64 + 1))[:size]
-    digest = bytearray(record.checksum(bytes(payload)))
+    key = b"flip-%d" % size
+    digest = bytearray(record.digest(key, bytes(payload)))
     where = data.draw(st.sampled_from(["data", "checksum"]))
     target = payload if where == "data" else digest
     bit = data.draw(st.integers(0, len(target) * 8 - 1))
     target[bit // 8] ^= 1 << (bit % 8)
-    key = b"flip-%d-%d" % (size, bit)
-    good = pb.PutRequest(key=b"innocent", size=1, checksum=record.checksum(b"i"), data=b"i")
+    good = pb.PutRequest(key=b"innocent", size=1, checksum=record.digest(b"innocent", b"i"), data=b"i")
     msgs = [good.SerializeToString(),
             pb.PutRequest(key=key, size=size, checksum=bytes(digest), data=bytes(payload[:MiB])).SerializeToString()]
     msgs += [pb.PutRequest(data=bytes(payload[i : i + MiB])).SerializeToString() for i in range(MiB, size, MiB)]

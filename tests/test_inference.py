@@ -9,16 +9,14 @@ import torch
 
 from inference import CachedGenerator, KVLayout, load_prefix, plan_prefix
 from inference.blocks import export_segment
-from inference.fastload import load_prefix_fast
-from kvclient.keys import namespace
+from kvproto.keys import namespace
 from tests.conftest_models import (  # noqa: F401  (fixtures)
     BLOCK, MODEL_IDS, MODELS, colocated_store, grpc_store, local_store, plain_tokens, prompt, store, tiny,
 )
 
 
-@pytest.mark.parametrize("loader", [load_prefix, load_prefix_fast], ids=["blockwise", "fast"])
 @pytest.mark.parametrize("name,dtype", MODELS, ids=MODEL_IDS)
-def test_loaded_cache_equals_fresh_prefill_bitwise(name, dtype, store, loader) -> None:
+def test_loaded_cache_equals_fresh_prefill_bitwise(name, dtype, store) -> None:
     model = tiny(name, dtype)
     gen = CachedGenerator(model, store, block_size=BLOCK, publish=False)
     ids = prompt(3 * BLOCK + 5, seed=1)
@@ -29,7 +27,7 @@ def test_loaded_cache_equals_fresh_prefill_bitwise(name, dtype, store, loader) -
     for key, start, count in plan.segments()[:2]:
         store.put_many(export_segment(fresh, key, start, count))
 
-    loaded = loader(store, plan, gen.layout, model.config)
+    loaded = load_prefix(store, plan, gen.layout, model.config)
     assert (loaded.tokens, loaded.blocks, loaded.tail) == (2 * BLOCK, 2, False)
     assert loaded.reasons == {"absent": 1}
     for mine, theirs in zip(loaded.cache.layers, fresh.layers):
@@ -82,7 +80,7 @@ def test_parallel_copies_equal_the_fresh_prefill(threads, colocated_store) -> No
     for key, start, count in plan.segments():
         colocated_store.put_many(export_segment(fresh, key, start, count))
     for verify in (True, False):
-        loaded = load_prefix_fast(colocated_store, plan, gen.layout, verify=verify, threads=threads)
+        loaded = load_prefix(colocated_store, plan, gen.layout, verify=verify, threads=threads)
         assert loaded.tokens == 5 * BLOCK and colocated_store.reads["colocated"] > 0
         for mine, theirs in zip(loaded.cache.layers, fresh.layers):
             assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)

@@ -17,8 +17,8 @@ from inference import CachedGenerator, fingerprint
 from inference.blocks import export_segment
 from inference.codec import HEADER_SIZE, RecordError, decode_into, encode, parse_header
 from inference.models import load_model
-from kvclient.errors import Unavailable
-from kvclient.keys import record_key
+from kvproto.errors import Unavailable
+from kvproto.keys import record_key
 from tests.conftest_models import BLOCK, local_store, plain_tokens, prompt, tiny  # noqa: F401  (fixture)
 
 fingerprint_module = importlib.import_module("inference.fingerprint")  # the package exports the function

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from kvclient.keys import block_keys, namespace, record_key, tail_key
+from kvproto.keys import block_keys, namespace, record_key, tail_key
 
 FINGERPRINT = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 TOKENS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 4294967295]

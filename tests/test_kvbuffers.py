@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from inference import CachedGenerator, KVLayout
 from inference.blocks import export_segment
 from inference.kvbuffers import KVArena, KVBuffers, ReservedLayer, round_capacity
-from kvclient.local import LocalStore
+from kvstore.local import LocalStore
 from tests.conftest_models import (  # noqa: F401  (fixtures)
     BLOCK, colocated_store, local_store, plain_tokens, prompt, tiny,
 )

@@ -9,14 +9,14 @@ import sys
 import grpc
 import pytest
 
-from kvclient.errors import FailedPrecondition
+from kvproto.errors import FailedPrecondition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvclient import Client
-from kvclient.errors import KVCacheError
+from kvproto.errors import KVCacheError
 from kvclient.node import Credentials, NodeConnection
-from kvclient.pb import SERVICE_NAME, kvcache_pb2 as pb
-from kvclient import record
+from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
+from kvproto import record
 from kvstore.auth import Authenticator, parse_tokens, tenant_prefix
 
 TOKEN_A = "token-of-tenant-a-0123456789abcdef"
@@ -96,7 +96,7 @@ def _raw_calls(channel: grpc.Channel):
     put = channel.stream_unary(path + "Put", ser, pb.PutResponse.FromString)
     get = channel.unary_stream(path + "Get", ser, pb.GetResponse.FromString)
     unary = lambda name, reply: channel.unary_unary(path + name, ser, reply.FromString)  # noqa: E731
-    one = pb.PutRequest(key=b"k", size=1, checksum=record.checksum(b"v"), data=b"v")
+    one = pb.PutRequest(key=b"k", size=1, checksum=record.digest(b"k", b"v"), data=b"v")
     return {
         "Put": lambda md: put(iter([one]), metadata=md, timeout=5),
         "Get": lambda md: list(get(pb.GetRequest(keys=[b"k"]), metadata=md, timeout=5)),

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from kvclient import Client, InvalidArgument, QuotaExceeded
-from kvclient import record
+from kvproto import record
 from kvclient.node import NodeConnection
-from kvclient.pb import SERVICE_NAME, kvcache_pb2 as pb
+from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
 MiB = 1 << 20
 
@@ -97,15 +97,15 @@ def _put_stream(node, messages):
     "messages, code",
     [
         ([pb.PutRequest(key=b"k", size=4, checksum=b"short", data=b"abcd")], grpc.StatusCode.INVALID_ARGUMENT),
-        ([pb.PutRequest(key=b"k", size=2, checksum=record.checksum(b"ab"), data=b"abc")], grpc.StatusCode.INVALID_ARGUMENT),
-        ([pb.PutRequest(key=b"k", size=4, checksum=record.checksum(b"abcd"), data=b"ab")], grpc.StatusCode.INVALID_ARGUMENT),
-        ([pb.PutRequest(key=b"k", size=4, checksum=record.checksum(b"abcd"), data=b"abce")], grpc.StatusCode.DATA_LOSS),
+        ([pb.PutRequest(key=b"k", size=2, checksum=record.digest(b"k", b"ab"), data=b"abc")], grpc.StatusCode.INVALID_ARGUMENT),
+        ([pb.PutRequest(key=b"k", size=4, checksum=record.digest(b"k", b"abcd"), data=b"ab")], grpc.StatusCode.INVALID_ARGUMENT),
+        ([pb.PutRequest(key=b"k", size=4, checksum=record.digest(b"k", b"abcd"), data=b"abce")], grpc.StatusCode.DATA_LOSS),
     ],
     ids=["bad-checksum-length", "too-much-data", "stream-ends-inside-record", "flipped-in-transit"],
 )
 def test_malformed_put_streams_store_nothing(make_node, messages, code):
     node = make_node()
-    good = pb.PutRequest(key=b"good", size=1, checksum=record.checksum(b"g"), data=b"g")
+    good = pb.PutRequest(key=b"good", size=1, checksum=record.digest(b"good", b"g"), data=b"g")
     with pytest.raises(grpc.RpcError) as err:
         _put_stream(node, [good, *messages])
     assert err.value.code() == code
@@ -118,8 +118,8 @@ def test_cancelled_put_leaves_nothing(make_node):
 
     def messages():
         payload = os.urandom(4 * MiB)
-        yield pb.PutRequest(key=b"first", size=1, checksum=record.checksum(b"x"), data=b"x")
-        yield pb.PutRequest(key=b"big", size=len(payload), checksum=record.checksum(payload), data=payload[:MiB])
+        yield pb.PutRequest(key=b"first", size=1, checksum=record.digest(b"first", b"x"), data=b"x")
+        yield pb.PutRequest(key=b"big", size=len(payload), checksum=record.digest(b"big", payload), data=payload[:MiB])
         sent.append(1)
         raise RuntimeError("client dies mid-stream")
 

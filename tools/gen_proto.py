@@ -1,7 +1,7 @@
-"""Generate the kvcache.v1 stubs into kvclient/_pb (run by `make venv`; also done on import)."""
+"""Generate the kvcache.v1 stubs into kvproto/_pb (run by `make venv`; also done on import)."""
 
-from kvclient import pb
+from kvproto import pb
 
 if __name__ == "__main__":
     pb.generate()
-    print("generated kvclient/_pb/kvcache/v1/kvcache_pb2{,_grpc}.py")
+    print("generated kvproto/_pb/kvcache/v1/kvcache_pb2{,_grpc}.py")

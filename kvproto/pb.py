@@ -12,7 +12,7 @@ _OUT = pathlib.Path(__file__).resolve().parent / "_pb" / "kvcache" / "v1"
 
 
 def generate() -> None:
-    """Run protoc over ``proto/`` into ``kvclient/_pb`` (imports rooted at ``kvclient._pb``)."""
+    """Run protoc over ``proto/`` into ``kvproto/_pb`` (imports rooted at ``kvproto._pb``)."""
     from grpc_tools import protoc  # build-time dependency only
     import grpc_tools
 
@@ -23,11 +23,11 @@ def generate() -> None:
     args = [
         "protoc",
         f"-I{include}",
-        f"-Ikvclient/_pb={_ROOT / 'proto'}",
+        f"-Ikvproto/_pb={_ROOT / 'proto'}",
         f"--python_out={_ROOT}",
         f"--grpc_python_out={_ROOT}",
         f"--pyi_out={_ROOT}",
-        "kvclient/_pb/kvcache/v1/kvcache.proto",
+        "kvproto/_pb/kvcache/v1/kvcache.proto",
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {_PROTO}")
@@ -46,7 +46,7 @@ def _stale() -> bool:
 if _PROTO.exists() and _stale():
     generate()
 
-kvcache_pb2 = importlib.import_module("kvclient._pb.kvcache.v1.kvcache_pb2")
-kvcache_pb2_grpc = importlib.import_module("kvclient._pb.kvcache.v1.kvcache_pb2_grpc")
+kvcache_pb2 = importlib.import_module("kvproto._pb.kvcache.v1.kvcache_pb2")
+kvcache_pb2_grpc = importlib.import_module("kvproto._pb.kvcache.v1.kvcache_pb2_grpc")
 
 SERVICE_NAME = "kvcache.v1.KVCache"

@@ -1,17 +1,25 @@
-"""The fast load path: the cached prefix straight from the store into the model's KV buffers.
+"""The prefix loader: the cached prefix straight from any store into the model's KV buffers.
 
-Records are read layer-major with ``client.read_into``: a co-located node's records arrive as
+The one loader, written against ``kvproto.store.Store`` (the in-process store, the gRPC client
+and the co-located path). Records are read layer-major with ``read_into``: a co-located node's
+records arrive as
 views of its LMDB map, in one batch per read transaction, and each is copied exactly once, into
 its slot of the KV buffers on the CPU, or of a pinned staging buffer whose host-to-device copy
 runs on a side stream as soon as its layer is complete (CUDA). Copies (and checksums) run on a
 few threads: numpy's copy and XXH3 release the GIL, and hashing a record just before copying it
-means the copy reads it from cache. The bytes are hashed once, by the KV codec's checksum;
-`verify=False` skips even that for a trusted co-located node.
+means the copy reads it from cache. The bytes are hashed once, by the store record's digest
+(``kvproto.record``; over gRPC the client checked it in transit); `verify=False` skips even that
+for a trusted co-located node.
+
+Errors: a store error (``KVCacheError``) or an unusable record (``RecordError``) ends the reuse
+at its block and is counted; anything else is a bug and propagates (the generator decides).
 
 With ``background=True`` the load runs behind the forward: the cache's layers wait for their
-own records only, so layer 0 computes while later layers are still arriving. A record that
-fails after the forward started raises ``PrefixShortened`` before any token is produced; the
-caller reruns on the shorter prefix (``LoadedPrefix.settle()``).
+own records only, so layer 0 computes while later layers are still arriving. Which segments
+exist is known before the forward starts (one batched lookup, tail included), so a rerun happens
+only when a record that was present fails under the running forward: it raises
+``PrefixShortened`` before any token is produced and the caller reruns on the shorter prefix
+(``LoadedPrefix.settle()``).
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
-import xxhash
 
-from kvclient.keys import record_key
+from kvproto import record
+from kvproto.errors import KVCacheError
+from kvproto.keys import record_key
 
-from .blocks import KVLayout, LoadedPrefix, PrefixPlan, _available_segments, loaded_prefix, target_buffers
-from .codec import CODEC_NONE, FIXED_HEADER_SIZE, HEADER_SIZE, RecordError, decode_into, pack_header
+from .blocks import KVLayout, LoadedPrefix, PrefixPlan, available_segments, loaded_prefix, target_buffers
+from .codec import CODEC_NONE, HEADER_SIZE, RecordError, decode_into, pack_header
 from .kvbuffers import KVBuffers
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,8 @@ class _Load:
         self.remaining = [len(segments)] * n_layers
         self.layer_done = [threading.Event() for _ in range(n_layers)] if background else None
         self.failed: dict[int, str] = {}  # segment -> why it is unusable
+        self.error: BaseException | None = None  # a bug: the load is void, the caller sees it
+        self.keys: list[bytes] = []  # store key of each record, in self.order
         self.nbytes = 0
         self.lock = threading.Lock()
         self.heads: dict[tuple[int, int], bytes] = {}
@@ -80,50 +91,51 @@ class _Load:
             lay = self.layout
             raw = 2 * lay.kv_heads * count * self.row_bytes
             shape = (2, lay.kv_heads, count, lay.head_dim)
-            fixed = pack_header(lay.dtype, CODEC_NONE, layer, shape, raw, raw, 0)[:FIXED_HEADER_SIZE]
+            fixed = pack_header(lay.dtype, CODEC_NONE, layer, shape, raw, raw)
             self.heads[key] = (fixed, HEADER_SIZE + raw)
         return self.heads[key]
 
     def jobs(self, batch):
-        """(layer, segment, source bytes, destination, checksum) per record; odd ones decoded here."""
-        for index, view in batch:
+        """(layer, segment, record view, source, destination, digest to check) per record; odd
+        ones (compressed, or not what the model needs) are decoded here."""
+        for index, view, digest in batch:
             layer, s = self.order[index]
             _, start, count = self.segments[s]
             dest = self.targets[layer][:, :, start : start + count]
+            digest = digest if self.verify else None
             fixed, length = self.head(layer, count)
-            if len(view) == length and view[:FIXED_HEADER_SIZE] == fixed:  # the common case: one comparison
-                checksum = int.from_bytes(view[FIXED_HEADER_SIZE : FIXED_HEADER_SIZE + 8], "little") if self.verify else None
+            if len(view) == length and view[:HEADER_SIZE] == fixed:  # the common case: one comparison
                 src = np.frombuffer(view, np.uint8, offset=HEADER_SIZE).reshape(dest.shape)
-                yield layer, s, view[HEADER_SIZE:], src, dest, checksum
+                yield layer, s, index, view, src, dest, digest
             else:  # compressed, or wrong: the codec's own checks name the reason
-                yield layer, s, view if self.decode_odd(layer, s, view, dest) else None, None, None, None
+                ok = self.decode_odd(layer, s, index, view, dest, digest)
+                yield layer, s, index, view if ok else None, None, None, None
 
-    def decode_odd(self, layer: int, s: int, view: memoryview, dest: np.ndarray) -> bool:
+    def decode_odd(self, layer: int, s: int, index: int, view: memoryview, dest: np.ndarray,
+                   digest: bytes | None) -> bool:
         try:
-            decode_into(view, torch.from_numpy(dest).view(self.layout.dtype), verify=self.verify, layer=layer)
+            if digest is not None:
+                record.check(self.keys[index], view, digest)
+            decode_into(view, torch.from_numpy(dest).view(self.layout.dtype), layer=layer)
             return True
         except RecordError as exc:
             self.fail(s, exc.reason)
-        except Exception as exc:  # anything else about a record is damage too, never a crash
-            log.warning("undecodable KV record (layer %d): %s", layer, exc)
+        except KVCacheError as exc:
+            log.warning("KV record (layer %d): %s", layer, exc)
             self.fail(s, "corrupt")
         return False
 
     def copy(self, job) -> None:
         """Check and copy one record (GIL released in both), then count its layer down."""
-        layer, s, raw, src, dest, checksum = job
-        try:
-            if src is not None:
-                if checksum is not None and xxhash.xxh3_64_intdigest(raw) != checksum:
-                    self.fail(s, "corrupt")
-                    raw = None
-                else:
-                    np.copyto(dest, src)
-        except Exception as exc:  # never a crash, never a block counted that was not copied
-            log.warning("copying a KV record (layer %d) failed: %s", layer, exc)
-            self.fail(s, "corrupt")
-            raw = None
-        self.count_down(layer, len(raw) if raw is not None else 0)
+        layer, s, index, view, src, dest, digest = job
+        if src is not None:
+            if digest is not None and record.digest(self.keys[index], view) != digest:
+                log.warning("KV record (layer %d) failed its checksum", layer)
+                self.fail(s, "corrupt")
+                view = None
+            else:
+                np.copyto(dest, src)
+        self.count_down(layer, len(view) if view is not None else 0)
 
     def count_down(self, layer: int, nbytes: int = 0) -> None:
         """One more record of `layer` is settled (copied or failed); the last one completes it."""
@@ -148,7 +160,7 @@ class _Load:
                         return
                     try:
                         job = next(jobs, None)
-                    except Exception as exc:  # a bug, not a bad record: the whole load is a miss
+                    except BaseException as exc:  # a bug, not a bad record: raised by the sink
                         state["error"], job = exc, None
                     if job is None:
                         state["done"] = True
@@ -156,6 +168,9 @@ class _Load:
                     state["active"] += 1
                 try:
                     self.copy(job)
+                except BaseException as exc:  # a bug in a helper thread: raised by the sink, never lost
+                    with cond:
+                        state["error"], state["done"] = state["error"] or exc, True
                 finally:
                     with cond:
                         state["active"] -= 1
@@ -212,11 +227,12 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[device]
 
 
-def load_prefix_fast(
+def load_prefix(
     client, plan: PrefixPlan, layout: KVLayout, config=None, max_tokens: int | None = None, verify: bool = True,
     buffers: KVBuffers | None = None, background: bool = False, threads: int = COPY_THREADS,
 ) -> LoadedPrefix:
-    """Like ``blocks.load_prefix``, through ``client.read_into`` (co-located map or gRPC).
+    """Fetch the longest cached prefix of `plan` (at most `max_tokens` of it) into `buffers`
+    (sized to the stored prefix if not given) through `client.read_into` (any ``Store``).
 
     `verify=False` trusts the co-located node's copy (it verified every record on receipt) and
     skips hashing on the hot path. Records fetched over gRPC are verified in transit either way.
@@ -225,21 +241,29 @@ def load_prefix_fast(
     """
     started = time.perf_counter()
     lookup_reasons: Counter = Counter()  # why the stored prefix ends; moot if a record fails first
-    segments = _available_segments(client, plan, lookup_reasons)
+    try:
+        segments = available_segments(client, plan, lookup_reasons)
+    except KVCacheError as exc:  # a store failure is a miss, never a failed request
+        log.warning("KV lookup failed: %s", exc)
+        segments, lookup_reasons = [], Counter(store_error=1)
     total = sum(count for _, _, count in segments)
     buffers = target_buffers(layout, total, buffers)
     if not total:
         return loaded_prefix(plan, [], buffers, max_tokens, 0, lookup_reasons, started)
     load = _Load(segments, layout, buffers, verify, threads, background)
     store_keys = [record_key(segments[s][0], layer) for layer, s in load.order]
+    load.keys = store_keys
 
     def run() -> LoadedPrefix:
         try:
             load.missing(client.read_into(store_keys, load.sink, verify=False))
-        except Exception as exc:  # a store failure is a miss, never a failed request
+        except KVCacheError as exc:  # a store failure is a miss, never a failed request
             log.warning("fetching KV blocks failed: %s", exc)
             with load.lock:
                 load.failed[0] = "store_error"
+        except BaseException as exc:  # a bug: no layer may wait for it, and the caller sees it
+            load.error = exc
+            raise
         finally:
             for layer in range(layout.num_layers):  # never leave a waiting forward hanging
                 if load.remaining[layer] > 0:
@@ -260,6 +284,8 @@ def load_prefix_fast(
             load.wait_layer(layer)
             if layer == last:
                 future.result()  # every record checked before the last layer computes
+            if load.error is not None:
+                raise load.error
             if load.failed:
                 raise PrefixShortened(f"KV record failed ({sorted(set(load.failed.values()))}) during the forward")
         return wait

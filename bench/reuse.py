@@ -54,7 +54,7 @@ def _timed(gen, ids, device) -> tuple[float, object]:
 def _clients(transports, tmp: str):
     """One store client per transport; the kvstore node starts only when a transport needs it."""
     from kvclient import Client
-    from kvclient.local import LocalStore
+    from kvstore.local import LocalStore
 
     with contextlib.ExitStack() as stack:
         out = {}

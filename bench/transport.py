@@ -80,7 +80,7 @@ def _socket_samples(p: TransportParams, data: bytes, bar: tqdm) -> dict[str, lis
 
 def _storage_samples(p: TransportParams, data: bytes) -> dict[str, list[float]]:
     """The node's storage engine in this process (LocalStore): the ceiling under any transport."""
-    from kvclient.local import LocalStore
+    from kvstore.local import LocalStore
 
     out: dict[str, list[float]] = {"storage_put": [], "storage_get": []}
     total = p.records * len(data)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvclient.keys import DEFAULT_BLOCK_SIZE, block_keys, namespace, record_key, tail_key
+from kvproto.keys import DEFAULT_BLOCK_SIZE, block_keys, namespace, record_key, tail_key
 
 from .economics import QWEN3_4B, KVShape
 

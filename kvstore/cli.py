@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--colocated", choices=["auto", "on", "off"], default="auto",
                        help="let same-host clients read the LMDB files directly (auto: only without auth)")
     serve.add_argument("--log-level", default="INFO")
+    migrate = sub.add_parser("migrate", help="convert a stopped node's records to the current format")
+    migrate.add_argument("--data", required=True, help="directory of the node's LMDB environment")
+    migrate.add_argument("--auth-tokens", default=None, help="the node's tokens file, if it ran with auth")
+    migrate.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.command == "migrate":
+        return _migrate(args)
     try:
         config = config_from_args(args)
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # our own one-line errors instead of C-core logs
@@ -86,6 +92,29 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # lmdb errors and the like: one readable line
         print(f"kvstore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .migrate import migrate
+
+    try:
+        prefixes = []
+        if args.auth_tokens:
+            from .auth import Authenticator, tenant_prefix
+
+            prefixes = [tenant_prefix(t) for t in Authenticator.from_file(args.auth_tokens).tenants]
+        if not os.path.exists(os.path.join(args.data, "data.mdb")):
+            raise ValueError(f"{args.data}: no data.mdb (not a node's data directory)")
+        report = migrate(args.data, prefixes)
+    except (OSError, ValueError) as exc:
+        print(f"kvstore migrate: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # lmdb errors (e.g. the node still running) as one line
+        print(f"kvstore migrate: error: {args.data}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(f"kvstore migrate: {args.data}: {report.converted} records converted, {report.already} already "
+          f"current, {report.dropped} damaged dropped")
     return 0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from kvproto import record
 from kvproto.errors import KVCacheError
-from kvproto.store import Sink
+from kvproto.store import Sink, copy_out
 
 from .colocated import ColocatedReader
 from .colocated_reads import ColocatedReaders
@@ -118,15 +118,7 @@ class Client:
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in key order (None: a miss on every replica that answered)."""
-        keys = list(keys)
-        results: list[bytes | None] = [None] * len(keys)
-
-        def keep(batch) -> None:
-            for i, view, _ in batch:
-                results[i] = bytes(view)
-
-        self.read_into(keys, keep)
-        return results
+        return copy_out(self, list(keys))
 
     def read_into(self, keys: Sequence[bytes], sink: Sink, verify: bool = True) -> list[bool]:
         """Hand the stored keys' payloads to `sink` in batches of (key index, payload view,

@@ -39,3 +39,15 @@ class Store(Protocol):
         """Remove records; how many were removed."""
 
     def close(self) -> None: ...
+
+
+def copy_out(store: Store, keys: Sequence[bytes]) -> list[bytes | None]:
+    """get_many in terms of read_into: each found payload copied out of its view once."""
+    results: list[bytes | None] = [None] * len(keys)
+
+    def keep(batch: Batch) -> None:
+        for i, view, _ in batch:
+            results[i] = bytes(view)
+
+    store.read_into(keys, keep)
+    return results

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvproto import record
-from kvproto.store import Sink
+from kvproto.store import Sink, copy_out
 
 from .storage import IncomingRecord, Storage
 
@@ -27,14 +27,7 @@ class LocalStore:
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        out: list[bytes | None] = [None] * len(keys)
-
-        def keep(batch) -> None:
-            for i, view, _ in batch:
-                out[i] = bytes(view)
-
-        self.read_into(keys, keep)
-        return out
+        return copy_out(self, list(keys))
 
     def read_into(self, keys: Sequence[bytes], sink: Sink, verify: bool = True) -> list[bool]:
         """One read transaction, one batch: views of the map, valid until `sink` returns."""

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from kvproto import record
-from kvproto.errors import from_rpc_error
+from kvproto.errors import KVCacheError, from_rpc_error
 from kvproto.framing import with_bytes_field
 from kvproto.limits import CHUNK_BYTES, PUT_DATA_FIELD, grpc_channel_options
 from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
+from .dataplane import CannotConnect, DataPool, client_ssl_context
+
+log = logging.getLogger(__name__)
+
+DATA_PLANE_RETRY_SECONDS = 30.0  # after a failed Stat or connect, stay on gRPC this long
 CHANNEL_OPTIONS = [
     *grpc_channel_options(),
     ("grpc.enable_retries", 1),
@@ -41,6 +49,10 @@ class NodeConnection:
 
     def __init__(self, address: str, creds: Credentials = Credentials()) -> None:
         self.address = address
+        self._creds = creds
+        self._data: DataPool | None = None  # the node's data plane, once Stat named its port
+        self._data_retry_at = 0.0  # monotonic time before which reads stay on gRPC
+        self._data_lock = threading.Lock()
         if creds.tls_ca is not None:
             self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(creds.tls_ca), CHANNEL_OPTIONS)
         else:
@@ -71,8 +83,48 @@ class NodeConnection:
         requests = (msg for (key, value), digest in zip(items, digests) for msg in _chunks(key, value, digest))
         return self._call(self._put, requests, timeout)
 
+    def _data_pool(self, timeout: float) -> DataPool | None:
+        """The data plane's connections, learned by one Stat call (cached); None: use gRPC."""
+        with self._data_lock:
+            if self._data is not None or time.monotonic() < self._data_retry_at:
+                return self._data
+            try:
+                port = self.stat(min(timeout, 5.0)).data_port
+                host = self.address.rsplit(":", 1)[0].strip("[]")
+            except (KVCacheError, ValueError) as exc:
+                log.debug("%s: no data plane (%s); reads over gRPC", self.address, exc)
+                port = 0
+            if not port:
+                self._data_retry_at = time.monotonic() + DATA_PLANE_RETRY_SECONDS
+                return None
+            tls = client_ssl_context(self._creds.tls_ca) if self._creds.tls_ca is not None else None
+            self._data = DataPool(host, port, self._creds.token, tls, node=self.address)
+            return self._data
+
+    def _forget_data_plane(self, pool: DataPool) -> None:
+        with self._data_lock:
+            if self._data is pool:
+                self._data = None
+                self._data_retry_at = time.monotonic() + DATA_PLANE_RETRY_SECONDS
+        pool.close()
+
     def get(self, keys: Sequence[bytes], timeout: float) -> Iterator[tuple[int, bytes | None, bool]]:
-        """Yield (index, value or None, corrupt) per key, in order, as each record completes."""
+        """Yield (index, value or None, corrupt) per key, in order, as each record completes.
+
+        Over the node's data plane when it has one (values are then bytearrays), else gRPC."""
+        pool = self._data_pool(timeout)
+        if pool is not None:
+            try:
+                entries = pool.get(keys, timeout)
+            except CannotConnect as exc:
+                log.info("%s: data plane unreachable (%s); reading over gRPC", self.address, exc)
+                self._forget_data_plane(pool)
+            else:
+                yield from entries
+                return
+        yield from self._grpc_get(keys, timeout)
+
+    def _grpc_get(self, keys: Sequence[bytes], timeout: float) -> Iterator[tuple[int, bytes | None, bool]]:
         try:
             stream = self._get(pb.GetRequest(keys=list(keys)), timeout=timeout, metadata=self.metadata)
             parts: list[bytes] = []
@@ -109,5 +161,9 @@ class NodeConnection:
         return self._call(self._local_info, pb.LocalInfoRequest(), timeout)
 
     def close(self) -> None:
+        with self._data_lock:
+            pool, self._data = self._data, None
+        if pool is not None:
+            pool.close()
         self.channel.close()
 

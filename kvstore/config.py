@@ -30,6 +30,9 @@ class ServerConfig:
     high_water: float = 0.9  # fraction of the map; 1.0 turns eviction off
     colocated: bool | None = None  # serve LocalInfo (the same-host fast path); default: only without auth
     tenant_quota_bytes: int | None = None  # per tenant: key + record bytes; its own LRU blocks go first
+    # The data plane (kvstore.dataplane): record bytes for reads over a plain TCP socket on the
+    # host of `listen`. 0 picks a free port, None turns it off (reads stay on gRPC).
+    data_port: int | None = 0
 
     @property
     def map_size_bytes(self) -> int:

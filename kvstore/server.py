@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent import futures
@@ -14,6 +15,7 @@ from kvproto.limits import grpc_channel_options
 from kvproto.pb import SERVICE_NAME
 
 from .config import ServerConfig
+from .dataplane import DataPlane, server_ssl_context
 from .metrics import NodeMetrics
 from .servicer import KVCacheServicer, instrumented
 from .storage import Storage
@@ -34,9 +36,13 @@ class Node:
     health: health.HealthServicer
     metrics: NodeMetrics
     metrics_port: int | None = None
+    data_port: int | None = None  # the data plane (kvstore.dataplane); None: off
+    data_plane: DataPlane | None = None
 
     def stop(self, grace: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
+        if self.data_plane is not None:
+            self.data_plane.stop()  # its reads end before the environment closes
         self.server.stop(grace).wait()
         self.storage.close()
 
@@ -84,6 +90,16 @@ def build_node(config: ServerConfig) -> Node:
     )
     metrics = NodeMetrics(storage)
     storage.evictor.on_evict = metrics.evictions.inc
+    data_plane = None
+    if config.data_port is not None:
+        tls = server_ssl_context(config.tls_cert, config.tls_key) if creds else None
+        data_plane = DataPlane(storage, metrics, auth, tls)
+        try:
+            data_port = data_plane.start(_host(config.listen), config.data_port)
+        except OSError:
+            storage.close()
+            raise
+        config = dataclasses.replace(config, data_port=data_port)  # Stat advertises the bound port
     servicer = KVCacheServicer(config, storage, metrics, auth)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((_handlers(servicer, metrics),))
@@ -92,14 +108,23 @@ def build_node(config: ServerConfig) -> Node:
     try:
         port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
     except RuntimeError as exc:
+        if data_plane is not None:
+            data_plane.stop()
         storage.close()
         raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve_http(config.metrics_port) if config.metrics_port is not None else None
-    log.info("kvstore node %r listening on port %d, data %s", config.node_id, port, storage.path)
-    return Node(server, port, storage, servicer, health_servicer, metrics, metrics_port)
+    log.info("kvstore node %r listening on port %d (data plane %s), data %s", config.node_id, port,
+             config.data_port, storage.path)
+    return Node(server, port, storage, servicer, health_servicer, metrics, metrics_port,
+                config.data_port, data_plane)
+
+
+def _host(listen: str) -> str:
+    """The host part of HOST:PORT ([::1]:PORT too): the data plane listens next to gRPC."""
+    return listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
 
 
 def create_server(config: ServerConfig) -> tuple[grpc.Server, int]:

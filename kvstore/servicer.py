@@ -176,6 +176,7 @@ class KVCacheServicer:
             max_record_bytes=self.config.max_record_bytes,
             version="kvcache.v1",
             evicted_records=s.evicted_records,
+            data_port=self.config.data_port or 0,  # build_node records the bound port
         )
 
     def scan(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScanResponse:

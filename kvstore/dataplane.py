@@ -1,0 +1,324 @@
+"""The data plane: record bytes for reads over a plain TCP socket, next to gRPC (control).
+
+Python gRPC tops out near 0.5 GB/s on 1 MiB messages; a socket that sends LMDB's memory map
+with ``sendmsg`` (no Python-side copy) runs near memory speed. gRPC keeps lookup, put, auth and
+placement; the node advertises this port in ``StatResponse.data_port``.
+
+Protocol version 1, little-endian. Every frame starts with a 12-byte header
+    magic b"KVDP" | op u8 | flags u8 (0) | version u16 (1) | n u32
+Client to node:
+    HELLO (op 1), the first frame: n = token length, then the bearer token (UTF-8, empty
+        without auth). Answered OK (n = 0) or ERROR UNAUTHENTICATED (then the node closes).
+    GET (op 2): n = key count (at most MAX_KEYS_PER_CALL), then n u16 key lengths, then the keys
+        back to back. Answered OK (n = key count) followed by one entry per key, in order:
+            state u8 (0 FOUND, 1 MISSING, 2 CORRUPT) | payload length u64 | digest 16 bytes
+        (XXH3-128 of key ‖ payload, as stored; zeros unless FOUND), then the payload bytes.
+        A bad key (empty, over MAX_KEY_BYTES) is answered ERROR INVALID_ARGUMENT and the
+        connection stays usable: the whole request was read.
+Node to client:
+    OK (op 0x80): n as above.
+    ERROR (op 0x81): n = message length, then the gRPC status code u32, then the UTF-8 message.
+Malformed input (bad magic, op or version, over MAX_KEYS_PER_CALL keys or MAX_KEY_BLOB key bytes,
+a truncated frame) is answered ERROR INVALID_ARGUMENT when the socket still takes it, logged, and the
+connection closed. Each connection is served by its own thread; beyond `max_connections` the
+node answers ERROR RESOURCE_EXHAUSTED and closes. Keys get the tenant's prefix of the HELLO
+token, exactly as over gRPC; records are served with verify=False (the reader checks the digest).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+
+import grpc
+
+from kvproto.errors import Corrupt, InvalidArgument, KVCacheError, Unauthenticated
+from kvproto.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL, MiB
+
+from .auth import Authenticator, tenant_prefix
+from .metrics import NodeMetrics
+from .servicer import check_keys
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KVDP"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHI")
+ENTRY = struct.Struct("<BQ16s")
+CODE = struct.Struct("<I")
+HELLO, GET, OK, ERROR = 1, 2, 0x80, 0x81
+FOUND, MISSING, CORRUPT = 0, 1, 2
+MAX_TOKEN_BYTES = 4096
+MAX_KEY_BLOB = MAX_KEYS_PER_CALL * MAX_KEY_BYTES
+SOCKET_BUFFER = 4 * MiB  # measured (bench/dataplane_probe.py): fewer, larger copies per record
+HELLO_SECONDS = 10.0  # a client that connects must say who it is soon
+IDLE_SECONDS = 600.0  # a pooled connection may wait this long between requests
+SEND_SECONDS = 60.0  # a client that stops reading releases its read transaction after this
+_NO_DIGEST = bytes(16)
+
+
+class ProtocolError(Exception):
+    """Input that breaks the framing: answered, logged, and the connection closed."""
+
+
+def tune(sock: socket.socket) -> None:
+    """Options both ends set (measured: see bench/dataplane_probe.py)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+
+
+def _recv_exact(sock: socket.socket, n: int, idle: bool = False) -> bytearray | None:
+    """n bytes; None if `idle` and the peer closed before the first byte (a clean goodbye)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if idle and got == 0:
+                return None
+            raise ProtocolError(f"connection closed inside a frame ({got} of {n} bytes)")
+        got += k
+    return buf
+
+
+def _error_frame(code: grpc.StatusCode, message: str) -> bytes:
+    text = message.encode()[:4096]
+    return HEADER.pack(MAGIC, ERROR, 0, VERSION, len(text)) + CODE.pack(code.value[0]) + text
+
+
+class _Sender:
+    """Small frames wait in `pending` and leave with the next payload in one sendmsg (writev)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.vectored = not isinstance(sock, ssl.SSLSocket)  # SSL sockets have no sendmsg
+        self.pending = bytearray()
+
+    def send(self, payload: memoryview) -> None:
+        parts = [self.pending, payload]
+        self.pending = bytearray()
+        if not self.vectored:
+            for part in parts:
+                self.sock.sendall(part)
+            return
+        sent = self.sock.sendmsg(parts)
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            self.sock.sendall(memoryview(part)[sent:])  # the socket took part of it
+            sent = 0
+
+    def flush(self) -> None:
+        if self.pending:
+            self.sock.sendall(self.pending)
+            self.pending = bytearray()
+
+
+class DataPlane:
+    """The data-plane listener of one node: start() binds, stop() cuts every connection."""
+
+    def __init__(self, storage: Storage, metrics: NodeMetrics, auth: Authenticator | None = None,
+                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 64) -> None:
+        self.storage = storage
+        self.metrics = metrics
+        self.auth = auth
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._accepting: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._stopping = False
+
+    def start(self, host: str, port: int = 0) -> int:
+        self._listener = socket.create_server((host, port), family=_family(host), backlog=64)
+        self.port = self._listener.getsockname()[1]
+        self._accepting = threading.Thread(target=self._accept_loop, name=f"dataplane-{self.port}", daemon=True)
+        self._accepting.start()
+        log.info("data plane listening on %s:%d", host, self.port)
+        return self.port
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the listener and every connection; wait for the handlers (they hold LMDB
+        transactions, which must end before the environment closes)."""
+        with self._lock:
+            self._stopping = True
+            conns = list(self._conns.items())
+        if self._listener is not None:
+            _shutdown(self._listener)
+            self._listener.close()
+        for sock, _ in conns:
+            _shutdown(sock)
+        end = time.monotonic() + timeout
+        for _, thread in conns:
+            thread.join(max(0.0, end - time.monotonic()))
+        if self._accepting is not None:
+            self._accepting.join(max(0.0, end - time.monotonic()))
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                return  # the listener was closed
+            with self._lock:
+                if self._stopping:
+                    sock.close()
+                    return
+                if len(self._conns) >= self.max_connections:
+                    log.warning("data plane: refusing %s beyond %d connections", peer, self.max_connections)
+                    _answer_and_close(sock, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many data connections")
+                    continue
+                thread = threading.Thread(target=self._serve, args=(sock, peer), daemon=True,
+                                          name=f"dataplane-conn-{self.port}")
+                self._conns[sock] = thread
+            thread.start()
+
+    # ---- one connection ------------------------------------------------------------------
+    def _serve(self, raw: socket.socket, peer) -> None:
+        sock = raw
+        try:
+            tune(raw)
+            raw.settimeout(HELLO_SECONDS)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(raw, server_side=True)
+            prefix = self._hello(sock)
+            while True:
+                sock.settimeout(IDLE_SECONDS)
+                if not self._request(sock, prefix):
+                    return  # the client closed between requests
+        except ProtocolError as exc:
+            log.warning("data plane: closing %s: %s", peer, exc)
+            _answer_quietly(sock, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except KVCacheError as exc:  # refused HELLO
+            log.warning("data plane: refusing %s: %s", peer, exc)
+            _answer_quietly(sock, exc.code, str(exc))
+        except (OSError, ssl.SSLError) as exc:  # the peer went away, a timeout, stop()
+            log.debug("data plane: connection %s ended: %s", peer, exc)
+        except Exception:  # noqa: BLE001 - a bug ends this connection, never the node
+            log.exception("data plane: unexpected error serving %s", peer)
+            self.metrics.requests.labels("DataGet", "INTERNAL").inc()
+            _answer_quietly(sock, grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            with self._lock:
+                self._conns.pop(raw, None)
+            sock.close()
+
+    def _read_header(self, sock: socket.socket, expect: int, idle: bool = False) -> int | None:
+        raw = _recv_exact(sock, HEADER.size, idle)
+        if raw is None:
+            return None
+        magic, op, flags, version, n = HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {bytes(magic)!r}")
+        if version != VERSION or flags != 0:
+            raise ProtocolError(f"unsupported version {version} (flags {flags}); this node speaks {VERSION}")
+        if op != expect:
+            raise ProtocolError(f"unexpected op {op} (wanted {expect})")
+        return n
+
+    def _hello(self, sock: socket.socket) -> bytes:
+        n = self._read_header(sock, HELLO)
+        if n > MAX_TOKEN_BYTES:
+            raise ProtocolError(f"token of {n} bytes exceeds {MAX_TOKEN_BYTES}")
+        token = bytes(_recv_exact(sock, n)).decode("utf-8", errors="replace").strip()
+        prefix = b""
+        if self.auth is not None:
+            tenant = self.auth.tenant_of(token) if token else None
+            if tenant is None:
+                raise Unauthenticated("missing bearer token" if not token else "unknown token")
+            prefix = tenant_prefix(tenant)
+        sock.sendall(HEADER.pack(MAGIC, OK, 0, VERSION, 0))
+        return prefix
+
+    def _request(self, sock: socket.socket, prefix: bytes) -> bool:
+        """Read one GET and answer it; False when the client closed instead."""
+        count = self._read_header(sock, GET, idle=True)
+        if count is None:
+            return False
+        if count > MAX_KEYS_PER_CALL:
+            raise ProtocolError(f"{count} keys in one request exceeds {MAX_KEYS_PER_CALL}")
+        lengths = struct.unpack(f"<{count}H", _recv_exact(sock, 2 * count)) if count else ()
+        total = sum(lengths)
+        if total > MAX_KEY_BLOB:  # a bad key is answered below; a huge one breaks the framing
+            raise ProtocolError(f"{total} key bytes in one request exceeds {MAX_KEY_BLOB}")
+        blob = bytes(_recv_exact(sock, total))
+        keys, at = [], 0
+        for n in lengths:
+            keys.append(blob[at : at + n])
+            at += n
+        start = time.perf_counter()
+        try:
+            check_keys(keys)
+        except InvalidArgument as exc:  # the framing held: answer and keep the connection
+            self.metrics.requests.labels("DataGet", exc.code.name).inc()
+            sock.sendall(_error_frame(exc.code, str(exc)))
+            return True
+        sock.settimeout(SEND_SECONDS)
+        self._answer(sock, keys, prefix)
+        self.metrics.requests.labels("DataGet", "OK").inc()
+        self.metrics.latency.labels("DataGet").observe(time.perf_counter() - start)
+        return True
+
+    def _answer(self, sock: socket.socket, keys: list[bytes], prefix: bytes) -> None:
+        sender = _Sender(sock)
+        sender.pending += HEADER.pack(MAGIC, OK, 0, VERSION, len(keys))
+
+        def send(payload: memoryview, digest: bytes) -> int:
+            sender.pending += ENTRY.pack(FOUND, len(payload), digest)
+            sender.send(payload)  # from LMDB's map, inside its read transaction
+            return len(payload)
+
+        for key in keys:
+            try:
+                size = self.storage.read_with(key, send, prefix, verify=False)
+            except Corrupt:
+                log.warning("corrupt record %s", key.hex())
+                self.metrics.misses.labels("corrupt").inc()
+                sender.pending += ENTRY.pack(CORRUPT, 0, _NO_DIGEST)
+                continue
+            if size is None:
+                self.metrics.misses.labels("missing").inc()
+                sender.pending += ENTRY.pack(MISSING, 0, _NO_DIGEST)
+                continue
+            self.metrics.hits.inc()
+            self.metrics.bytes_out.inc(size)
+        sender.flush()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _answer_quietly(sock: socket.socket, code: grpc.StatusCode, message: str) -> None:
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(_error_frame(code, message))
+    except (OSError, ValueError):
+        pass
+
+
+def _answer_and_close(sock: socket.socket, code: grpc.StatusCode, message: str) -> None:
+    _answer_quietly(sock, code, message)
+    sock.close()
+
+
+def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from kvproto.keys import DEFAULT_BLOCK_SIZE, namespace, record_key
+from kvproto.keys import DEFAULT_BLOCK_SIZE, namespace
 
 from kvproto.errors import KVCacheError
 
@@ -270,13 +270,13 @@ class CachedGenerator:
         return future
 
     def _store_segments(self, cache, segments: list[tuple[bytes, int, int]]) -> int:
+        """The loader's lookup found these absent: they are written without asking again (a
+        writer that raced us makes the node answer "existed": first writer wins)."""
         stored = 0
         try:
-            present = self.client.exists([record_key(key, 0) for key, _, _ in segments])
-            for (key, start, count), there in zip(segments, present):
-                if not there:  # someone else may have published it since our lookup
-                    self.client.put_many(export_segment(cache, key, start, count, self.codec))
-                    stored += 1
+            for key, start, count in segments:
+                self.client.put_many(export_segment(cache, key, start, count, self.codec))
+                stored += 1
         except KVCacheError as exc:  # write-behind: a failed publish costs a later miss, never an answer
             log.warning("publishing KV blocks failed after %d of %d: %s", stored, len(segments), exc)
             with self._stats_lock:

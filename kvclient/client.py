@@ -133,7 +133,10 @@ class Client:
         found = [False] * len(keys)
         if local:
             self.reads["colocated"] += self.local.read_into(readers, local, keys, sink, verify, found)
-        rest = [i for i in range(len(keys)) if not found[i]]
+            # the co-located map that answered missing (or damaged) is not asked again over gRPC
+            asked = {i: node for node, idx in local.items() for i in idx}
+            orders = [[n for n in owners if n != asked.get(i)] for i, owners in enumerate(orders)]
+        rest = [i for i in range(len(keys)) if not found[i] and orders[i]]
         if rest:
             values: list[bytes | None] = [None] * len(keys)
             self.replica_set.fetch(keys, orders, rest, values)
@@ -179,6 +182,11 @@ class Client:
         return out
 
     # ---- lifecycle ----------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> None:
+        """Finish background work started so far: read repairs, and recency touches."""
+        self.replica_set.flush(timeout)
+        self._touches.flush()
+
     def close(self) -> None:
         self._touches.close()
         self.local.close()

@@ -44,6 +44,7 @@ class ReplicaSet:
         self._conns: dict[str, NodeConnection] = {}
         self._lock = threading.Lock()
         self.repairs = 0
+        self._repairing: set = set()  # read-repair futures not done yet (flush waits for them)
         self.hints = HintQueue(lambda node, items: self.conn(node).put(items, stream_timeout))
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(membership.ring.nodes)),
                                         thread_name_prefix="kvclient")
@@ -184,7 +185,21 @@ class ReplicaSet:
                     owed[node].append((keys[i], results[i]))
         for node, items in owed.items():
             self.repairs += len(items)
-            self._pool.submit(self._repair_one, node, items)
+            future = self._pool.submit(self._repair_one, node, items)
+            with self._lock:
+                self._repairing.add(future)
+            future.add_done_callback(self._repaired)
+
+    def _repaired(self, future) -> None:
+        with self._lock:
+            self._repairing.discard(future)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for the read repairs started so far (each is written or handed to the hints)."""
+        with self._lock:
+            pending = list(self._repairing)
+        for future in pending:
+            future.result(timeout)
 
     def _repair_one(self, node: str, items: list[tuple[bytes, bytes]]) -> None:
         try:

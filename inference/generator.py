@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from kvproto.keys import DEFAULT_BLOCK_SIZE, namespace
@@ -24,6 +25,7 @@ from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, plan_pre
 from .codec import CODECS
 from .loader import PrefixShortened, load_prefix
 from .fingerprint import fingerprint
+from .graphs import CHUNKED_PREFILL, static_cache
 from .kvbuffers import KVArena
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class CachedGenerator:
         pipeline_loads: bool | None = None,
         *,
         internal_errors: str = "count",
+        graphs: bool | None = None,
     ) -> None:
         """`client` is any ``kvproto.store.Store``. `prefix_loader(client, plan, layout, config,
         max_tokens=, buffers=, background=)` fetches the cached prefix into `buffers`: by default
@@ -109,6 +112,10 @@ class CachedGenerator:
         publish raises is a bug: `internal_errors="raise"` (tests) lets it through; "count" (the
         default, for production) logs it with its traceback, counts `internal_error` and answers
         the request by a full prefill.
+
+        `graphs` runs the model on a static cache over the same KV buffers, so that transformers
+        captures the decode step with CUDA graphs (torch.compile "reduce-overhead"); by default
+        (None) on for a model on a CUDA device. Elsewhere it only changes the cache type.
 
         Each request's KV lives in buffers sized for prompt + new tokens; up to `kv_pool_bytes`
         of them are kept warm for the next request (0: a fresh allocation every time).
@@ -123,6 +130,7 @@ class CachedGenerator:
         if internal_errors not in ("count", "raise"):
             raise ValueError(f"internal_errors must be 'count' or 'raise', got {internal_errors!r}")
         self.internal_errors = internal_errors
+        self.graphs = graphs if graphs is not None else next(model.parameters()).device.type == "cuda"
         self.model = model
         self.client = client
         self.block_size = block_size
@@ -184,23 +192,29 @@ class CachedGenerator:
         clock = FirstTokenClock(generate_kwargs.pop("streamer", None))
         ids = ids.to(self.layout.device)
         started = time.perf_counter()
-        run = functools.partial(self._run_model, ids, max_new_tokens, clock, generate_kwargs)
+        needed = len(tokens) + max(0, max_new_tokens)
+        used: dict = {}
+
+        def run(loaded: LoadedPrefix):
+            used["cache"] = cache = self._model_cache(loaded, needed)
+            return self._run_model(ids, max_new_tokens, clock, generate_kwargs, cache)
+
         try:
             try:
-                out = run(prefix.cache)
+                out = run(prefix)
             except PrefixShortened as exc:  # a record failed under a running forward: redo on what is usable
                 log.info("%s; generating again on the usable prefix", exc)
                 with self._stats_lock:
                     self.stats["load_reruns"] += 1
                 prefix = prefix.settle()
                 clock.restart()
-                out = run(prefix.cache)
+                out = run(prefix)
             except Exception as exc:  # noqa: BLE001 - a bug in a pipelined load: see internal_errors
                 if prefix.pending is None:
                     raise  # the model's own error, not the load's
                 prefix = self._internal_error("loading", exc, load)
                 clock.restart()
-                out = run(prefix.cache)
+                out = run(prefix)
         finally:
             try:
                 prefix = prefix.settle()  # no load may still write into buffers that go back to the pool
@@ -208,7 +222,7 @@ class CachedGenerator:
                 prefix = self._internal_error("loading", exc, load)
         prefill_seconds = (clock.first_token_at or time.perf_counter()) - started
 
-        published = self._publish_new(plan, prefix) if self.publish else None
+        published = self._publish_new(plan, prefix, used.get("cache", prefix.cache)) if self.publish else None
         self._count(prefix, len(tokens))
         return GenerationResult(
             sequences=out.sequences,
@@ -234,6 +248,19 @@ class CachedGenerator:
         buffers = load.keywords["buffers"]
         return LoadedPrefix(buffers.cache(0), 0, 0, False, 0, Counter(internal_error=1), buffers)
 
+    def _model_cache(self, prefix: LoadedPrefix, needed: int):
+        """The cache the model runs on: a static one over the same buffers where the decode step
+        is captured (`graphs`), else the loader's DynamicCache of ReservedLayers."""
+        if not self.graphs or prefix.buffers is None:
+            return prefix.cache
+        ready = [layer.wait_ready for layer in prefix.cache.layers]
+        static = static_cache(prefix.buffers.kv, prefix.tokens, needed, ready)
+        if static is None:
+            with self._stats_lock:
+                self.stats["graphs_skipped"] += 1
+            return prefix.cache
+        return static
+
     def pipelined(self) -> bool:
         """Whether this request's load runs behind its forward (see `pipeline_loads`)."""
         if self.pipeline_loads is not None:
@@ -241,6 +268,10 @@ class CachedGenerator:
         return self.layout.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
 
     def _run_model(self, ids, max_new_tokens, clock, generate_kwargs, cache):
+        if isinstance(cache, StaticCache) and CHUNKED_PREFILL and ids.shape[1] - cache.layers[0].cumulative_length.item() == 1:
+            # the first token after a load is a one-token step too: a one-token "chunk" goes
+            # through the same compiled (captured) forward as the decode steps
+            generate_kwargs = {"prefill_chunk_size": 1, **generate_kwargs}
         with torch.inference_mode():
             return self.model.generate(
                 ids,
@@ -253,7 +284,7 @@ class CachedGenerator:
                 **generate_kwargs,
             )
 
-    def _publish_new(self, plan: PrefixPlan, prefix: LoadedPrefix) -> Future | None:
+    def _publish_new(self, plan: PrefixPlan, prefix: LoadedPrefix, cache) -> Future | None:
         """Queue the blocks (and tail) this request computed; each block is one atomic put_many."""
         segments = plan.segments()[prefix.blocks :]
         if prefix.tail:
@@ -263,7 +294,7 @@ class CachedGenerator:
             self._inflight.update(s[0] for s in segments)
         if not segments:
             return None
-        future = self._pool.submit(self._store_segments, prefix.cache, segments)
+        future = self._pool.submit(self._store_segments, cache, segments)
         with self._stats_lock:
             self._pending.add(future)
         future.add_done_callback(self._forget)

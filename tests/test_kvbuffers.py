@@ -118,3 +118,24 @@ def test_a_failed_request_waits_for_its_load_before_lending_the_buffers(colocate
     assert gen.arena.reused == 1  # the failed request's buffers came back, with no load writing into them
     ok = gen.generate(ids, 4, do_sample=False)
     assert ok.cached_tokens == ids.shape[1] - 1 and torch.equal(ok.sequences, plain_tokens(model, ids, 4))
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "pipelined"])
+def test_static_cache_over_the_kv_buffers_is_exact(local_store, pipelined) -> None:
+    """graphs=True (what a CUDA model gets by default, for CUDA-graph decode steps) runs on a
+    StaticCache over the loaded buffers: the same tokens as plain generate, and what it computed
+    is what gets published."""
+    model = tiny("tiny-qwen3")
+    ids = prompt(3 * BLOCK + 9, seed=31)
+    plain = plain_tokens(model, ids, 16)
+    with CachedGenerator(model, local_store, block_size=BLOCK, graphs=True, pipeline_loads=pipelined) as gen:
+        miss = gen.generate(ids, 16, do_sample=False)
+        gen.flush()
+        hit = gen.generate(ids, 16, do_sample=False)
+        longer = torch.cat([ids, prompt(BLOCK, seed=32)], dim=1)
+        extended = gen.generate(longer, 16, do_sample=False)
+    assert gen.stats["graphs_skipped"] == 0
+    assert torch.equal(miss.sequences, plain) and torch.equal(hit.sequences, plain)
+    assert hit.cached_tokens == ids.shape[1] - 1
+    assert extended.cached_tokens == 3 * BLOCK + 9 - 9  # the blocks the first request published
+    assert torch.equal(extended.sequences, plain_tokens(model, longer, 16))

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from bench import sockserve
-from bench.servers import ServerProcess, kvstore_node, socket_server
+from bench.servers import kvstore_node, socket_server
 from kvclient import Client
 
 MiB = 1 << 20

@@ -1,11 +1,11 @@
-"""The client side of the node's data plane (the protocol: kvstore/dataplane.py's docstring).
+"""The client side of the node's data plane (the protocol: ``kvproto.dataplane``).
 
 Reads move record bytes over a plain TCP socket: each payload is received with ``recv_into`` a
 buffer of its exact size (no joins), then checked against its key-bound digest. Every socket or
 protocol failure raises ``Unavailable`` naming the node, so the client's replica fallback works;
 a connection that cannot even be opened raises ``CannotConnect`` (the caller falls back to gRPC).
 
-The constants below are the wire format and must match kvstore/dataplane.py (a test checks).
+The wire format is ``kvproto.dataplane``, shared with the node.
 """
 
 from __future__ import annotations
@@ -22,18 +22,11 @@ import grpc
 
 from kvproto import record
 from kvproto.errors import InvalidArgument, KVCacheError, Unavailable, from_rpc_error
-from kvproto.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL, MiB
+from kvproto.dataplane import CODE, CORRUPT, ENTRY, ERROR, FOUND, GET, HEADER, HELLO, MAGIC, MISSING, OK, VERSION, tune
+from kvproto.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"KVDP"
-VERSION = 1
-HEADER = struct.Struct("<4sBBHI")
-ENTRY = struct.Struct("<BQ16s")
-CODE = struct.Struct("<I")
-HELLO, GET, OK, ERROR = 1, 2, 0x80, 0x81
-FOUND, MISSING, CORRUPT = 0, 1, 2
-SOCKET_BUFFER = 1 * MiB  # measured (bench/dataplane_probe.py): best for streamed 1 MiB records, 4-16 MiB no better
 MAX_ERROR_BYTES = 1 << 16
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -65,9 +58,7 @@ class DataConnection:
         deadline = time.monotonic() + timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            tune(sock)
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host)
         except (OSError, ssl.SSLError) as exc:

@@ -1,28 +1,9 @@
-"""The data plane: record bytes for reads over a plain TCP socket, next to gRPC (control).
+"""The data plane of a node: record bytes for reads over a plain TCP socket, next to gRPC.
 
 Python gRPC tops out near 0.5 GB/s on 1 MiB messages; a socket that sends LMDB's memory map
 with ``sendmsg`` (no Python-side copy) runs near memory speed. gRPC keeps lookup, put, auth and
-placement; the node advertises this port in ``StatResponse.data_port``.
-
-Protocol version 1, little-endian. Every frame starts with a 12-byte header
-    magic b"KVDP" | op u8 | flags u8 (0) | version u16 (1) | n u32
-Client to node:
-    HELLO (op 1), the first frame: n = token length, then the bearer token (UTF-8, empty
-        without auth). Answered OK (n = 0) or ERROR UNAUTHENTICATED (then the node closes).
-    GET (op 2): n = key count (at most MAX_KEYS_PER_CALL), then n u16 key lengths, then the keys
-        back to back. Answered OK (n = key count) followed by one entry per key, in order:
-            state u8 (0 FOUND, 1 MISSING, 2 CORRUPT) | payload length u64 | digest 16 bytes
-        (XXH3-128 of key ‖ payload, as stored; zeros unless FOUND), then the payload bytes.
-        A bad key (empty, over MAX_KEY_BYTES) is answered ERROR INVALID_ARGUMENT and the
-        connection stays usable: the whole request was read.
-Node to client:
-    OK (op 0x80): n as above.
-    ERROR (op 0x81): n = message length, then the gRPC status code u32, then the UTF-8 message.
-Malformed input (bad magic, op or version, over MAX_KEYS_PER_CALL keys or MAX_KEY_BLOB key bytes,
-a truncated frame) is answered ERROR INVALID_ARGUMENT when the socket still takes it, logged, and the
-connection closed. Each connection is served by its own thread; beyond `max_connections` the
-node answers ERROR RESOURCE_EXHAUSTED and closes. Keys get the tenant's prefix of the HELLO
-token, exactly as over gRPC; records are served with verify=False (the reader checks the digest).
+placement; the node advertises this port in ``StatResponse.data_port``. The wire format is
+``kvproto.dataplane`` (its docstring has the protocol).
 """
 
 from __future__ import annotations
@@ -37,7 +18,8 @@ import time
 import grpc
 
 from kvproto.errors import Corrupt, InvalidArgument, KVCacheError, Unauthenticated
-from kvproto.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL, MiB
+from kvproto.dataplane import CODE, CORRUPT, ENTRY, ERROR, FOUND, GET, HEADER, HELLO, MAGIC, MISSING, OK, VERSION, tune
+from kvproto.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 
 from .auth import Authenticator, tenant_prefix
 from .metrics import NodeMetrics
@@ -46,16 +28,8 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"KVDP"
-VERSION = 1
-HEADER = struct.Struct("<4sBBHI")
-ENTRY = struct.Struct("<BQ16s")
-CODE = struct.Struct("<I")
-HELLO, GET, OK, ERROR = 1, 2, 0x80, 0x81
-FOUND, MISSING, CORRUPT = 0, 1, 2
 MAX_TOKEN_BYTES = 4096
 MAX_KEY_BLOB = MAX_KEYS_PER_CALL * MAX_KEY_BYTES
-SOCKET_BUFFER = 1 * MiB  # measured (bench/dataplane_probe.py): best for streamed 1 MiB records, 4-16 MiB no better
 HELLO_SECONDS = 10.0  # a client that connects must say who it is soon
 IDLE_SECONDS = 600.0  # a pooled connection may wait this long between requests
 SEND_SECONDS = 60.0  # a client that stops reading releases its read transaction after this
@@ -64,13 +38,6 @@ _NO_DIGEST = bytes(16)
 
 class ProtocolError(Exception):
     """Input that breaks the framing: answered, logged, and the connection closed."""
-
-
-def tune(sock: socket.socket) -> None:
-    """Options both ends set (measured: see bench/dataplane_probe.py)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
 
 def _recv_exact(sock: socket.socket, n: int, idle: bool = False) -> bytearray | None:

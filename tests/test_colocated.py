@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
 
 from kvclient import Client
 from tests.test_cluster import _keys

@@ -18,10 +18,8 @@ import torch
 import xxhash
 
 from inference import CachedGenerator
-from inference.blocks import export_segment
 from kvclient import Client, Unavailable
 from kvclient.node import NodeConnection
-from kvproto import record
 from tests.conftest_models import BLOCK, local_store, plain_tokens, prompt, tiny  # noqa: F401  (fixture)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from kvproto import record
 from kvproto.errors import KVCacheError
-from kvproto.store import Sink, copy_out
+from kvproto.store import Sink
 
 from .colocated import ColocatedReader
 from .colocated_reads import ColocatedReaders
@@ -118,7 +118,15 @@ class Client:
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in key order (None: a miss on every replica that answered)."""
-        return copy_out(self, list(keys))
+        keys = list(keys)
+        results: list[bytes | None] = [None] * len(keys)
+
+        def keep(batch) -> None:  # co-located views die with the sink: copy them out
+            for i, view, _ in batch:
+                results[i] = bytes(view)
+
+        self._read(keys, keep, True, results)
+        return results
 
     def read_into(self, keys: Sequence[bytes], sink: Sink, verify: bool = True) -> list[bool]:
         """Hand the stored keys' payloads to `sink` in batches of (key index, payload view,
@@ -128,7 +136,12 @@ class Client:
         sink's), one batch per node and read transaction; the rest come over gRPC, verified in
         transit. `verify=False` hands co-located records' digests to the sink to check.
         """
-        keys = list(keys)
+        return self._read(list(keys), sink, verify)
+
+    def _read(self, keys: list[bytes], sink: Sink, verify: bool,
+              remote_values: list[bytes | None] | None = None) -> list[bool]:
+        """read_into; with `remote_values`, records read over the network land there as they
+        came (already verified, no second copy) instead of going through the sink."""
         orders, readers, local, _ = self._route(keys)
         found = [False] * len(keys)
         if local:
@@ -138,10 +151,10 @@ class Client:
             orders = [[n for n in owners if n != asked.get(i)] for i, owners in enumerate(orders)]
         rest = [i for i in range(len(keys)) if not found[i] and orders[i]]
         if rest:
-            values: list[bytes | None] = [None] * len(keys)
+            values = remote_values if remote_values is not None else [None] * len(keys)
             self.replica_set.fetch(keys, orders, rest, values)
             batch = [(i, memoryview(values[i]), None) for i in rest if values[i] is not None]
-            if batch:
+            if batch and remote_values is None:
                 sink(batch)
             for i, _, _ in batch:
                 found[i] = True

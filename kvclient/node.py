@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvproto import record
-from kvproto.errors import KVCacheError, from_rpc_error
+from kvproto.errors import Corrupt, KVCacheError, from_rpc_error
 from kvproto.framing import with_bytes_field
 from kvproto.limits import CHUNK_BYTES, PUT_DATA_FIELD, grpc_channel_options
 from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
@@ -130,6 +130,8 @@ class NodeConnection:
             parts: list[bytes] = []
             head: pb.GetResponse | None = None
             for msg in stream:
+                if msg.index >= len(keys):
+                    raise Corrupt(f"{self.address}: reply for key {msg.index} of a request of {len(keys)}")
                 if msg.state != pb.RECORD_STATE_FOUND:
                     yield msg.index, None, msg.state == pb.RECORD_STATE_CORRUPT
                     continue

@@ -61,11 +61,15 @@ class ReplicaSet:
         For reads, only failures another replica can cure (unreachable node, deadline, damaged
         bytes) are returned; a request the cluster refuses (bad key, auth) is raised at once.
         """
-        futures = {node: self._pool.submit(call, node, idx) for node, idx in work.items()}
+        if len(work) == 1:  # one node: no thread hop (it costs as much as a short read)
+            [(node, idx)] = work.items()
+            futures = {node: lambda: call(node, idx)}
+        else:
+            futures = {node: self._pool.submit(call, node, idx).result for node, idx in work.items()}
         results: dict[str, object] = {}
-        for node, fut in futures.items():
+        for node, result in futures.items():
             try:
-                results[node] = fut.result()
+                results[node] = result()
             except KVCacheError as exc:
                 if isinstance(exc, Unavailable):
                     self.membership.mark_down(node)

@@ -30,7 +30,7 @@ class Store(Protocol):
         so the sink can hash the bytes where it copies them (``kvproto.record.check``)."""
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """Payloads in key order, None for a miss."""
+        """Payloads in key order (bytes, or bytearray as received off a socket), None for a miss."""
 
     def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
         """Store records; the records one node receives commit atomically (first writer wins)."""

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--colocated", choices=["auto", "on", "off"], default="auto",
                        help="let same-host clients read the LMDB files directly (auto: only without auth)")
+    serve.add_argument("--data-port", type=int, default=0,
+                       help="TCP port of the data plane for record reads (default 0: any free port; see Stat)")
+    serve.add_argument("--no-data-plane", action="store_true", help="serve reads over gRPC only")
     serve.add_argument("--log-level", default="INFO")
     migrate = sub.add_parser("migrate", help="convert a stopped node's records to the current format")
     migrate.add_argument("--data", required=True, help="directory of the node's LMDB environment")
@@ -53,6 +56,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     check_listen(args.listen)
     if not 0 < args.high_water <= 1:
         raise ValueError(f"--high-water must be in (0, 1], got {args.high_water}")
+    if not 0 <= args.data_port <= 65535:
+        raise ValueError(f"--data-port must be in 0..65535, got {args.data_port}")
     if args.tenant_quota_gb is not None and args.tenant_quota_gb <= 0:
         raise ValueError(f"--tenant-quota-gb must be positive, got {args.tenant_quota_gb}")
     return ServerConfig(
@@ -68,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         high_water=args.high_water,
         colocated={"auto": None, "on": True, "off": False}[args.colocated],
+        data_port=None if args.no_data_plane else args.data_port,
         tenant_quota_bytes=int(args.tenant_quota_gb * (1 << 30)) if args.tenant_quota_gb is not None else None,
     )
 

@@ -2,7 +2,9 @@
 
 Scenarios: economics (the cost model, beside measured figures with --from DIR), transport (gRPC
 vs raw socket), topology (namespaces + tc links), reuse (prefill vs cached reuse), load (KV load
-paths, bench/load.py), stripe (striped fetch across replicas over shaped links), all (transport, topology, stripe, reuse, load, then economics over their results).
+paths, bench/load.py), stripe (striped fetch across replicas over shaped links), peers (this store
+vs redis, Mooncake Store, safetensors files and a raw socket, same blocks), all (transport,
+topology, stripe, peers, reuse, load, then economics over their results).
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--repeats", type=int, default=None, help="interleaved rounds, median (default 3)")
     st.add_argument("--loopback-only", action="store_true", help="no namespaces: every node on loopback")
 
+    pe = sub.add_parser("peers", help="this store vs redis, Mooncake Store, safetensors files, raw socket")
+    _add_common(pe)
+    pe.add_argument("--blocks", type=int, default=None, help="256-token blocks per workload (default 16; quick 2)")
+    pe.add_argument("--repeats", type=int, default=None, help="read passes, median (default 3; quick 1)")
+    pe.add_argument("--clients", default="1,4", help="concurrent client counts, comma-separated (default 1,4)")
+    pe.add_argument("--workloads", default="smollm2,qwen3-4b", help="comma-separated (default smollm2,qwen3-4b)")
+    pe.add_argument("--peers", default=None, help="comma-separated subset (default all; see bench/peer_clients.py)")
+    pe.add_argument("--machine-note", default="", help="what the notes say about the machine (e.g. shared, cores)")
+
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
     a.add_argument("--model", default=None, help="reuse model (default smollm2, else tiny-qwen3)")
@@ -159,9 +170,23 @@ def _run_stripe(args) -> None:
     write_report(stripe.run(p, progress=not args.no_progress), args.out)
 
 
+def _run_peers(args) -> None:
+    from . import peers
+
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    p = peers.PeersParams(
+        blocks=args.blocks or (2 if args.quick else 16), repeats=args.repeats or (1 if args.quick else 3),
+        clients=tuple(int(x) for x in split(args.clients)), workloads=split(args.workloads),
+        peers=split(args.peers) if args.peers else peers.PEERS, machine_note=args.machine_note)
+    unknown = set(p.peers) - set(peers.PEERS) or set(p.workloads) - set(peers.WORKLOADS)
+    if unknown:
+        raise SystemExit(f"kvbench peers: unknown {sorted(unknown)}")
+    write_report(peers.run(p, progress=not args.no_progress), args.out)
+
+
 def _run_all(args) -> None:
     base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
-    for argv in (["transport"], ["topology"], ["stripe"], ["reuse"], ["load"], ["economics", "--from", args.out]):
+    for argv in (["transport"], ["topology"], ["stripe"], ["peers"], ["reuse"], ["load"], ["economics", "--from", args.out]):
         t0 = time.perf_counter()
         if argv[0] in ("reuse", "load"):
             _with_model_fallback(argv[0], args.model, base)
@@ -184,7 +209,7 @@ def _with_model_fallback(scenario: str, model: str | None, base: list[str]) -> N
 
 
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
-           "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "all": _run_all}
+           "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "peers": _run_peers, "all": _run_all}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from kvstore.process import stop_process
 from . import sockserve
 from .servers import PYTHON, ServerProcess, kvstore_node, socket_server
 
-PEERS = ("kvstore-remote", "kvstore-colocated", "redis", "mooncake", "safetensors-dir", "raw-socket")
+PEERS = ("kvstore-remote", "kvstore-grpc", "kvstore-colocated", "redis", "mooncake", "safetensors-dir", "raw-socket")
 HOST = "127.0.0.1"
 # Mooncake's C++ library takes its log level and setup retries from the environment only
 MOONCAKE_ENV = {"MC_LOG_LEVEL": "ERROR", "MC_STORE_CLIENT_SETUP_RETRIES": "3"}
@@ -238,14 +238,27 @@ class PeerLauncher:
             self._node_addr = f"{HOST}:{node.port}"
         return self._node_addr
 
-    def _kvstore_remote(self, stack):
+    def _remote(self, peer: str, addr: str) -> Callable[[], PeerClient]:
         from kvclient import Client
 
-        addr = self._node()
         with Client([addr], replication=1, timeout=120, colocated=False) as probe:
             port = probe.stat()[addr].get("data_port")  # the node's data plane, if it has one
-        self.details["kvstore-remote"] = {"read_path": "the node's data plane (TCP)" if port else "gRPC"}
+        self.details[peer] = {"read_path": "the node's data plane (TCP)" if port else "gRPC"}
         return lambda: Client([addr], replication=1, timeout=120, colocated=False)
+
+    def _kvstore_remote(self, stack):
+        return self._remote("kvstore-remote", self._node())
+
+    def _kvstore_grpc(self, stack):
+        # kvstore_node's flags plus --no-data-plane (bench.servers.kvstore_node takes no extra flags)
+        argv = [PYTHON, "-m", "kvstore.cli", "serve", "--listen", f"{HOST}:0", "--data", str(self.workdir / "grpc"),
+                "--map-size-gb", str(max(1.0, 1.5 * self.capacity / 2**30)), "--no-sync", "--log-level", "WARNING",
+                "--no-data-plane"]
+        try:
+            node = stack.enter_context(ServerProcess(argv))
+        except (RuntimeError, TimeoutError) as exc:
+            raise PeerUnavailable(f"kvstore serve --no-data-plane did not start: {exc}") from None
+        return self._remote("kvstore-grpc", f"{HOST}:{node.port}")
 
     def _kvstore_colocated(self, stack):
         from kvclient import Client

@@ -261,21 +261,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+RATIOS = (  # (peer, op) over (peer, op), per workload and client count
+    ("kvstore-grpc", "get", "redis", "get"), ("kvstore-grpc", "get_many", "redis", "get_many"),
+    ("kvstore-remote", "get", "redis", "get"), ("kvstore-remote", "get_many", "redis", "get_many"),
+    ("kvstore-grpc", "get_many", "raw-socket", "get_many"), ("kvstore-remote", "get_many", "raw-socket", "get_many"),
+    ("kvstore-colocated", "get_many", "kvstore-grpc", "get_many"), ("kvstore-colocated", "get_many", "redis", "get_many"),
+)
+
+
 def ratios(results: list[dict], p: PeersParams) -> dict:
-    out = {}
-    for wname in p.workloads:
-        g = lambda peer, op, n: _gbps(results, wname, peer, op, n)  # noqa: E731
-        out[wname] = {f"{n}_clients": {
-            "remote_get_over_redis_get": _ratio(g("kvstore-remote", "get", n), g("redis", "get", n)),
-            "remote_get_many_over_redis_get_many":
-                _ratio(g("kvstore-remote", "get_many", n), g("redis", "get_many", n)),
-            "remote_get_many_over_raw_socket": _ratio(g("kvstore-remote", "get_many", n), g("raw-socket", "get_many", n)),
-            "colocated_get_many_over_remote_get_many":
-                _ratio(g("kvstore-colocated", "get_many", n), g("kvstore-remote", "get_many", n)),
-            "colocated_get_many_over_redis_get_many":
-                _ratio(g("kvstore-colocated", "get_many", n), g("redis", "get_many", n)),
-        } for n in p.clients}
-    return out
+    return {w: {f"{n}_clients": {f"{a} {op_a} / {b} {op_b}": _ratio(_gbps(results, w, a, op_a, n),
+                                                                     _gbps(results, w, b, op_b, n))
+                                 for a, op_a, b, op_b in RATIOS} for n in p.clients} for w in p.workloads}
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -298,8 +295,8 @@ def _table(results: list[dict], p: PeersParams) -> Table:
                   "get_many GB/s", "get_many p50 / p99 ms per block", "status"], rows)
 
 
-def _read_path(results: list[dict]) -> str:
-    paths = {e["read_path"] for e in results if e["peer"] == "kvstore-remote" and "read_path" in e}
+def _read_path(results: list[dict], peer: str) -> str:
+    paths = {e["read_path"] for e in results if e["peer"] == peer and "read_path" in e}
     return " / ".join(sorted(paths)) or "n/a"
 
 
@@ -315,8 +312,10 @@ def _notes(results: list[dict], p: PeersParams, rat: dict) -> list[str]:
         "a process opens the node's LMDB once) and Mooncake (one store per process shared, a registered "
         "buffer per thread); the GIL and the cores bound every Python client.",
         f"kvstore-remote: kvclient.Client(colocated=False), replication 1, node with --no-sync: writes over gRPC, "
-        f"reads over {_read_path(results)}; kvstore-colocated: the same node, Client(colocated=True): reads "
-        "from the node's LMDB map, writes over gRPC. "
+        f"reads over {_read_path(results, 'kvstore-remote')}; kvstore-grpc: the same client against a node "
+        f"started with --no-data-plane (reads over {_read_path(results, 'kvstore-grpc')}; get_many = one "
+        "streamed Get); kvstore-colocated: kvstore-remote's node, Client(colocated=True): reads from the "
+        "node's LMDB map, writes over gRPC. "
         "redis: redis-server on loopback, --save '' --appendonly no, redis-py with hiredis, pipelines for "
         "batches. mooncake: mooncake_master with its HTTP metadata server, a separate process owning the "
         "memory segment, TCP transport; get = store.get, get_many = batch_get_into a registered buffer + "
@@ -328,11 +327,8 @@ def _notes(results: list[dict], p: PeersParams, rat: dict) -> list[str]:
     notes += [f"Workload {k}: {WORKLOADS[k].label}." for k in p.workloads]
     for wname, per in rat.items():
         for key, r in per.items():
-            notes.append(f"{wname}, {key.split('_')[0]} client(s): kvstore-remote get / redis get "
-                         f"{_fmt(r['remote_get_over_redis_get'])}; kvstore-remote get_many / redis get_many "
-                         f"{_fmt(r['remote_get_many_over_redis_get_many'])}; kvstore-remote get_many (streamed "
-                         f"batch) / raw socket {_fmt(r['remote_get_many_over_raw_socket'])}; co-located get_many / "
-                         f"remote get_many {_fmt(r['colocated_get_many_over_remote_get_many'])}.")
+            notes.append(f"Ratios, {wname}, {key.split('_')[0]} client(s): "
+                         + "; ".join(f"{name} {_fmt(v)}" for name, v in r.items()) + ".")
     for e in results:
         if e["status"] != "measured":
             notes.append(f"{e['workload']}: {e['peer']} {e['status']}: {e['reason']}")

@@ -38,16 +38,17 @@ def test_every_peer_has_a_row(doc):
 
 def test_this_store_is_measured(doc):
     for w in doc["params"]["workloads"]:
-        for peer in ("kvstore-remote", "kvstore-colocated"):
+        for peer in ("kvstore-remote", "kvstore-grpc", "kvstore-colocated"):
             e = _entry(doc, w, peer)
             assert e["status"] == "measured" and e["verified"], e
             assert {(r["op"], r["clients"]) for r in e["ops"]} == {(op, n) for op in OPS for n in (1, 4)}
             for r in e["ops"]:
                 assert r["gbps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
         assert _entry(doc, w, "kvstore-remote")["read_path"]  # data plane or gRPC, as the node said
+        assert _entry(doc, w, "kvstore-grpc")["read_path"] == "gRPC"
         colocated = [r for r in _entry(doc, w, "kvstore-colocated")["ops"] if "reads" in r]
         assert colocated and all(r["reads"]["grpc"] == 0 for r in colocated)  # the LMDB map, not gRPC
-        assert doc["ratios"][w]["1_clients"]["remote_get_many_over_raw_socket"] > 0
+        assert doc["ratios"][w]["1_clients"]["kvstore-grpc get_many / raw-socket get_many"] > 0
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -55,7 +56,7 @@ def test_redis_is_measured(doc):
     for w in doc["params"]["workloads"]:
         e = _entry(doc, w, "redis")
         assert e["status"] == "measured" and e["verified"], e
-        assert doc["ratios"][w]["1_clients"]["remote_get_over_redis_get"] > 0
+        assert doc["ratios"][w]["1_clients"]["kvstore-grpc get / redis get"] > 0
 
 
 class _Corrupting:

@@ -11,6 +11,7 @@ Implements ``kvproto.store.Store``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from kvproto import record
@@ -52,7 +53,8 @@ class Client:
         self.colocated = colocated
         self.replica_set = ReplicaSet(self.membership, Credentials(token=token, tls_ca=tls_ca), timeout, stream_timeout)
         self.local = ColocatedReaders(self.replica_set.conn, timeout, verify_colocated)
-        self.reads = {"colocated": 0, "grpc": 0}
+        self.reads = {"colocated": 0, "remote": 0}  # records read through the map / the network
+        self._reads_lock = threading.Lock()
         self._touches = TouchBatcher(self.replica_set.touch)
 
     # ---- the parts' state, for operators and tests --------------------------------------
@@ -145,20 +147,24 @@ class Client:
         orders, readers, local, _ = self._route(keys)
         found = [False] * len(keys)
         if local:
-            self.reads["colocated"] += self.local.read_into(readers, local, keys, sink, verify, found)
+            count = self.local.read_into(readers, local, keys, sink, verify, found)
+            with self._reads_lock:
+                self.reads["colocated"] += count
             # the co-located map that answered missing (or damaged) is not asked again over gRPC
             asked = {i: node for node, idx in local.items() for i in idx}
             orders = [[n for n in owners if n != asked.get(i)] for i, owners in enumerate(orders)]
         rest = [i for i in range(len(keys)) if not found[i] and orders[i]]
         if rest:
-            values = remote_values if remote_values is not None else [None] * len(keys)
-            self.replica_set.fetch(keys, orders, rest, values)
-            batch = [(i, memoryview(values[i]), None) for i in rest if values[i] is not None]
-            if batch and remote_values is None:
-                sink(batch)
-            for i, _, _ in batch:
-                found[i] = True
-            self.reads["grpc"] += len(rest)
+            if remote_values is None:  # the sink takes each record as it arrives
+                values: list[bytes | None] = [None] * len(keys)
+                self.replica_set.fetch(keys, orders, rest, values, sink)
+            else:
+                values = remote_values
+                self.replica_set.fetch(keys, orders, rest, values)
+            for i in rest:
+                found[i] = values[i] is not None
+            with self._reads_lock:
+                self.reads["remote"] += len(rest)
         return found
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:

@@ -55,6 +55,7 @@ class DataConnection:
                  ssl_context: ssl.SSLContext | None = None, node: str = "") -> None:
         self.node = node or f"{host}:{port}"
         self.usable = False
+        self.scratch = bytearray()  # the receive buffer of `entries(reuse=True)`
         deadline = time.monotonic() + timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -147,8 +148,11 @@ class DataConnection:
         if count != len(keys):
             raise self._fail(f"reply for {count} keys, asked {len(keys)}")
 
-    def entries(self, keys: Sequence[bytes], deadline: float) -> Iterator[tuple[int, bytearray | None, bool]]:
-        """(index, value or None, corrupt) per key in order; each value its own bytearray."""
+    def entries(self, keys: Sequence[bytes], deadline: float,
+                reuse: bool = False) -> Iterator[tuple[int, bytearray | memoryview | None, bool]]:
+        """(index, value or None, corrupt) per key in order; each value its own bytearray, or with
+        `reuse` a view of this connection's receive buffer, valid until the next entry (fresh
+        memory costs page faults: ~0.85 GB/s here against ~10 GB/s into warm pages)."""
         entry = bytearray(ENTRY.size)
         entry_view = memoryview(entry)
         for i, key in enumerate(keys):
@@ -159,7 +163,12 @@ class DataConnection:
                     raise self._fail(f"bad entry state {state}")
                 yield i, None, state == CORRUPT
                 continue
-            value = bytearray(size)
+            if reuse:
+                if len(self.scratch) < size:
+                    self.scratch = bytearray(size)
+                value = memoryview(self.scratch)[:size]
+            else:
+                value = bytearray(size)
             self._recv_into(memoryview(value), deadline)
             if record.digest(key, value) != digest:
                 yield i, None, True
@@ -191,7 +200,7 @@ class DataPool:
         return DataConnection(self.host, self.port, self.token, max(0.001, deadline - time.monotonic()),
                               self.ssl_context, self.node)
 
-    def get(self, keys: Sequence[bytes], timeout: float) -> Iterator[tuple[int, bytearray | None, bool]]:
+    def get(self, keys: Sequence[bytes], timeout: float, reuse: bool = False) -> Iterator[tuple[int, bytearray | memoryview | None, bool]]:
         """Send the request now (CannotConnect if no connection opens); return the entries."""
         deadline = time.monotonic() + timeout
         keys = list(keys)
@@ -213,11 +222,11 @@ class DataPool:
             except KVCacheError:
                 self._release(conn)
                 raise
-        return self._entries(conn, keys, deadline)
+        return self._entries(conn, keys, deadline, reuse)
 
-    def _entries(self, conn: DataConnection, keys: list[bytes], deadline: float):
+    def _entries(self, conn: DataConnection, keys: list[bytes], deadline: float, reuse: bool):
         try:
-            yield from conn.entries(keys, deadline)
+            yield from conn.entries(keys, deadline, reuse)
         finally:
             self._release(conn)  # closed unless every entry was read
 

@@ -108,14 +108,15 @@ class NodeConnection:
                 self._data_retry_at = time.monotonic() + DATA_PLANE_RETRY_SECONDS
         pool.close()
 
-    def get(self, keys: Sequence[bytes], timeout: float) -> Iterator[tuple[int, bytes | None, bool]]:
+    def get(self, keys: Sequence[bytes], timeout: float, reuse: bool = False) -> Iterator[tuple[int, bytes | None, bool]]:
         """Yield (index, value or None, corrupt) per key, in order, as each record completes.
 
-        Over the node's data plane when it has one (values are then bytearrays), else gRPC."""
+        Over the node's data plane when it has one (values are then bytearrays; with `reuse`
+        views of one receive buffer, valid until the next value), else gRPC."""
         pool = self._data_pool(timeout)
         if pool is not None:
             try:
-                entries = pool.get(keys, timeout)
+                entries = pool.get(keys, timeout, reuse)
             except CannotConnect as exc:
                 log.info("%s: data plane unreachable (%s); reading over gRPC", self.address, exc)
                 self._forget_data_plane(pool)

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from kvproto import record
 from kvproto.errors import Corrupt, KVCacheError, Unavailable
 
+from kvproto.store import Sink
+
 from .healing import HintQueue
 from .membership import Membership
 from .node import Credentials, NodeConnection
@@ -125,22 +127,36 @@ class ReplicaSet:
 
     # ---- reads --------------------------------------------------------------------------
     def fetch(self, keys: Sequence[bytes], orders: Sequence[Sequence[str]], indices: Iterable[int],
-              results: list[bytes | None]) -> None:
+              results: list[bytes | None], sink: Sink | None = None) -> None:
         """Fill results[i] for `indices` from their replicas in order; raise Unavailable for any
-        key that no replica answered; write back to replicas that lacked or damaged a record."""
+        key that no replica answered; write back to replicas that lacked or damaged a record.
+
+        With `sink`, each record goes to sink([(i, view, None)]) as it arrives instead (verified,
+        one call at a time), received into a connection's reusable buffer: no fresh memory per
+        record; results[i] then only marks what was found."""
         pending = list(indices)
         answered: set[int] = set()
         lacking: dict[int, list[str]] = defaultdict(list)  # replicas that answered missing/corrupt
+        owed: dict[int, bytes] = {}  # sink mode: bytes kept for read repair only
+        delivering = threading.Lock()
         last_error: KVCacheError | None = None
         rank = 0
         while pending and rank < max((len(orders[i]) for i in pending), default=0):
             work = by_rank(orders, pending, rank)
 
             def one(node: str, idx: list[int]) -> None:
-                for j, value, corrupt in self.conn(node).get([keys[i] for i in idx], self.stream_timeout):
+                entries = self.conn(node).get([keys[i] for i in idx], self.stream_timeout, reuse=sink is not None)
+                for j, value, corrupt in entries:
                     i = idx[j]
                     if value is not None:
-                        results[i] = value
+                        if sink is None:
+                            results[i] = value
+                        else:
+                            with delivering:
+                                sink([(i, memoryview(value), None)])
+                            results[i] = b""
+                            if lacking.get(i):
+                                owed[i] = bytes(value)
                         answered.add(i)
                     else:
                         if not corrupt:
@@ -155,7 +171,7 @@ class ReplicaSet:
         unanswered = [i for i in pending if i not in answered]
         if unanswered:
             raise Unavailable(f"{len(unanswered)} keys: no replica answered") from last_error
-        self._read_repair(keys, results, lacking)
+        self._read_repair(keys, results if sink is None else owed, lacking)
 
     def present(self, keys: Sequence[bytes], orders: Sequence[Sequence[str]], indices: Iterable[int],
                 present: list[bool]) -> None:
@@ -180,11 +196,12 @@ class ReplicaSet:
         if unanswered:
             raise Unavailable(f"{len(unanswered)} keys: no replica answered") from last_error
 
-    def _read_repair(self, keys: Sequence[bytes], results: list[bytes | None], lacking: dict[int, list[str]]) -> None:
-        """Write records back to replicas that lacked them or held damaged copies (background)."""
+    def _read_repair(self, keys: Sequence[bytes], results, lacking: dict[int, list[str]]) -> None:
+        """Write records back to replicas that lacked them or held damaged copies (background).
+        `results`: a list (None: not found) or a dict of the values found."""
         owed: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
         for i, nodes in lacking.items():
-            if results[i] is not None:
+            if (results.get(i) if isinstance(results, dict) else results[i]) is not None:
                 for node in nodes:
                     owed[node].append((keys[i], results[i]))
         for node, items in owed.items():

@@ -68,7 +68,7 @@ def test_falls_back_when_files_vanish(spawn_node):
         shutil.rmtree(node.data_dir)  # files gone; the node still serves from its open map
         assert client.get_many(list(values)) == list(values.values())
         assert client.reader(node.address) is None
-        assert client.reads["grpc"] >= 4
+        assert client.reads["remote"] >= 4
 
 
 def test_refuses_another_nodes_files(spawn_node, tmp_path):

@@ -242,8 +242,8 @@ def test_node_stopping_mid_read_is_unavailable_and_the_client_uses_the_other_rep
         stopped: list = []
         real_entries = client_dp.DataConnection.entries
 
-        def stop_after_first(self, keys, deadline):  # one node stops while it streams
-            for n, entry in enumerate(real_entries(self, keys, deadline)):
+        def stop_after_first(self, keys, deadline, reuse=False):  # one node stops while it streams
+            for n, entry in enumerate(real_entries(self, keys, deadline, reuse)):
                 yield entry
                 if n == 0 and not stopped:
                     stopped.append(next(x for x in nodes[2:] if x.data_port == self.sock.getpeername()[1]))

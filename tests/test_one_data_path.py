@@ -92,6 +92,26 @@ def test_a_live_replicas_missing_is_a_miss_not_an_outage(make_node) -> None:
             client.exists([b"never-written" + bytes(8)])
 
 
+def test_read_into_streams_records_and_still_repairs(make_node) -> None:
+    """read_into over the network hands each record to the sink as it arrives (a reused receive
+    buffer); a replica that lacked one still gets it written back."""
+    nodes = [make_node() for _ in range(2)]
+    addrs = [f"127.0.0.1:{n.port}" for n in nodes]
+    keys = [b"stream-%d" % i + bytes(8) for i in range(6)]
+    values = [bytes([i]) * (300_000 + i) for i in range(6)]
+    with Client(addrs, replication=2, stripe=False) as client:
+        client.put_many(list(zip(keys, values)))
+        primary = client.replicas(keys[2])[0]
+        NodeConnection(primary).delete([keys[2]], 5)
+        seen: dict[int, bytes] = {}
+        found = client.read_into(keys + [b"absent" + bytes(8)],
+                                 lambda batch: seen.update((i, bytes(v)) for i, v, _ in batch))
+        assert found == [True] * 6 + [False]
+        assert seen == dict(enumerate(values))
+        client.flush()
+        assert list(NodeConnection(primary).get([keys[2]], 5)) == [(0, values[2], False)]
+
+
 @pytest.mark.parametrize("quorum", [1, 2])
 def test_delete_follows_the_write_quorum(make_node, quorum: int) -> None:
     nodes = [make_node() for _ in range(2)]

@@ -5,12 +5,37 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 
 from kvproto import record
 from kvproto.store import Store
-from tests.conftest_models import colocated_store, grpc_store, local_store, store  # noqa: F401  (fixtures)
+from kvclient import Client
+from kvstore.config import ServerConfig
+from kvstore.server import create_server
+from tests.conftest import wait_healthy
+from tests.conftest_models import colocated_store, grpc_store, local_store  # noqa: F401  (fixtures)
 
 MiB = 1 << 20
+
+
+@pytest.fixture
+def grpc_only_store(tmp_path):
+    """A node without a data plane: reads stay on gRPC."""
+    server, port = create_server(ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "grpc-only"), sync=False,
+                                              map_size_gb=1.0, data_port=None))
+    wait_healthy(f"127.0.0.1:{port}")
+    client = Client([f"127.0.0.1:{port}"], replication=1)
+    yield client
+    client.close()
+    server.node.stop(0)
+
+
+@pytest.fixture(params=["local", "grpc", "grpc_only", "colocated"],
+                ids=["in-process", "remote-data-plane", "remote-grpc-only", "colocated"])
+def store(request):
+    """Every Store this project has: the same tests, each implementation."""
+    return request.getfixturevalue(f"{request.param}_store")
 
 
 def _value(i: int, size: int = 1000) -> bytes:

@@ -154,6 +154,13 @@ class MooncakePeer:
     def get(self, key):
         return self.store.get(key.hex()) or None  # Mooncake answers a miss with b""
 
+    def stream_into(self, keys, dest):
+        """batch_get_into its registered buffer: that buffer is the destination (no copy)."""
+        ptrs = [self.addr + i * self.size for i in range(len(keys))]
+        got = self.store.batch_get_into([k.hex() for k in keys], ptrs, [self.size] * len(keys))
+        view = memoryview(self.buf)
+        return [view[i * self.size:i * self.size + n] if n > 0 else None for i, n in enumerate(got)]
+
     def get_many(self, keys):
         ptrs = [self.addr + i * self.size for i in range(len(keys))]
         got = self.store.batch_get_into([k.hex() for k in keys], ptrs, [self.size] * len(keys))
@@ -210,6 +217,12 @@ class RawSocketPeer:
 
     def get_many(self, keys):
         sockserve.get_records(self.sock, [self.size] * len(keys))
+        return [None] * len(keys)
+
+    def stream_into(self, keys, dest):
+        """recv_into the destination's slots directly: the transport ceiling of a streamed block."""
+        views = [dest[i * self.size:(i + 1) * self.size] for i in range(len(keys))]
+        sockserve.get_records_into(self.sock, views)
         return [None] * len(keys)
 
     def close(self):

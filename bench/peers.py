@@ -27,7 +27,30 @@ from .peer_clients import PEERS, PeerError, PeerLauncher, PeerUnavailable, Recor
 from .report import Report, Table
 from .workload import Document, payload
 
-OPS = ("put_many", "get", "get_many")
+OPS = ("put_many", "get", "get_many", "stream")
+READ_OPS = ("get", "get_many", "stream")
+
+
+def stream_block(client, keys: list[bytes], dest: memoryview, size: int) -> list:
+    """One block into a destination the caller keeps (what the prefix loader does with KV buffers).
+
+    This store: `read_into`, each record copied into its slot as it arrives; peers with a native
+    into-buffer read (`stream_into`: Mooncake's batch_get_into, the raw socket's recv_into) use
+    it; the rest get_many and copy. Returns a view per record for the byte check."""
+    if hasattr(client, "read_into"):
+        def sink(batch) -> None:
+            for i, view, _ in batch:
+                dest[i * size:i * size + len(view)] = view
+
+        found = client.read_into(keys, sink)
+        return [dest[i * size:(i + 1) * size] if ok else None for i, ok in enumerate(found)]
+    if hasattr(client, "stream_into"):
+        return client.stream_into(keys, dest)
+    values = client.get_many(keys)
+    for i, v in enumerate(values):
+        if v is not None:
+            dest[i * size:i * size + len(v)] = v
+    return [dest[i * size:(i + 1) * size] if v is not None else None for i, v in enumerate(values)]
 
 
 @dataclass(frozen=True)
@@ -86,8 +109,9 @@ def _assign(blocks: int, clients: int) -> list[list[int]]:
     return [[(c + k * clients) % blocks for k in range(per)] for c in range(clients)]
 
 
-def _run(clients, op: str, keys, data, blocks_of) -> tuple[float, list[float], list]:
-    """(wall seconds, per-block latencies, (block, values) read) of one pass, clients in parallel."""
+def _run(clients, op: str, keys, data, blocks_of, dests=None) -> tuple[float, list[float], list]:
+    """(wall seconds, per-block latencies, (block, values) read) of one pass, clients in parallel;
+    `dests`: one block-sized buffer per client, for "stream"."""
     out: list[list] = [[] for _ in clients]
     errors: list[BaseException] = []
 
@@ -101,6 +125,8 @@ def _run(clients, op: str, keys, data, blocks_of) -> tuple[float, list[float], l
                     values = None
                 elif op == "get":
                     values = [client.get(k) for k in keys[b]]
+                elif op == "stream":
+                    values = stream_block(client, keys[b], dests[c], len(data[0][0]))
                 else:
                     values = client.get_many(keys[b])
                 out[c].append((b, values, time.perf_counter() - t0))
@@ -120,6 +146,9 @@ def _run(clients, op: str, keys, data, blocks_of) -> tuple[float, list[float], l
     if errors:
         raise errors[0]
     done = [x for per in out for x in per]
+    if op == "stream":  # a client's blocks share its destination: only its last block is still there
+        checked = [per[-1] for per in out if per]
+        return wall, [lat for _, _, lat in done], [(b, v) for b, v, _ in checked]
     return wall, [lat for _, _, lat in done], [(b, v) for b, v, _ in done]
 
 
@@ -159,13 +188,14 @@ class PeerRun:
                            for j, n in enumerate(p.clients)}  # every client writes its own blocks
         self.samples: dict[tuple[str, int], dict] = {}
         self.clients: list = []
+        self.dests = [memoryview(bytearray(self.block_bytes)) for _ in range(max(p.clients))]  # kept warm
         try:
             self.clients = [connect() for _ in range(max(p.clients))]
             self.verifies = getattr(self.clients[0], "verifies", True)
             warm = w.keys(1, seed)
             _run(self.clients[:1], "put_many", warm, data, [[0]])
-            for op in ("get", "get_many"):  # connections, buffers and first-call costs, untimed
-                self._check(op, _run(self.clients, op, warm, data, [[0]] * len(self.clients))[2])
+            for op in READ_OPS:  # connections, buffers and first-call costs, untimed
+                self._check(op, _run(self.clients, op, warm, data, [[0]] * len(self.clients), self.dests)[2])
         except BaseException:
             self.close()
             raise
@@ -178,7 +208,7 @@ class PeerRun:
         keys = self.write_keys[n] if op == "put_many" else self.read_keys
         blocks_of = _assign(len(keys), n)
         before = _reads(self.clients)
-        wall, lats, read = _run(self.clients[:n], op, keys, self.data, blocks_of)
+        wall, lats, read = _run(self.clients[:n], op, keys, self.data, blocks_of, self.dests)
         if op != "put_many":
             self._check(op, read)
         s = self.samples.setdefault((op, n), {"walls": [], "lats": [], "sizes": [], "reads": None})
@@ -214,7 +244,7 @@ def _measure_workload(w: Workload, p: PeersParams, bar) -> list[dict]:
     capacity = (1 + p.blocks + sum(n * math.ceil(p.blocks / n) for n in p.clients)) * w.layout.nbytes * w.shape.layers
     entries = {peer: {"workload": w.name, "peer": peer, "status": "measured", "reason": None, "ops": []}
                for peer in p.peers}
-    phases = [("put_many", n) for n in p.clients] + [(op, n) for op in ("get", "get_many") for n in p.clients]
+    phases = [("put_many", n) for n in p.clients] + [(op, n) for op in READ_OPS for n in p.clients]
     with tempfile.TemporaryDirectory(prefix="kvbench-peers-") as tmp, contextlib.ExitStack() as stack:
         launcher = PeerLauncher(stack, tmp, w.layout, capacity, w.shape.layers)
         live: dict[str, PeerRun] = {}
@@ -242,7 +272,7 @@ def _measure_workload(w: Workload, p: PeersParams, bar) -> list[dict]:
 
 
 def measure(p: PeersParams, progress: bool = True) -> list[dict]:
-    steps = len(p.workloads) * len(p.peers) * len(p.clients) * (1 + 2 * p.repeats)
+    steps = len(p.workloads) * len(p.peers) * len(p.clients) * (1 + len(READ_OPS) * p.repeats)
     with tqdm(total=steps, desc="peers", disable=not progress, leave=False) as bar:
         return [e for wname in p.workloads for e in _measure_workload(WORKLOADS[wname], p, bar)]
 
@@ -265,6 +295,8 @@ RATIOS = (  # (peer, op) over (peer, op), per workload and client count
     ("kvstore-grpc", "get", "redis", "get"), ("kvstore-grpc", "get_many", "redis", "get_many"),
     ("kvstore-remote", "get", "redis", "get"), ("kvstore-remote", "get_many", "redis", "get_many"),
     ("kvstore-grpc", "get_many", "raw-socket", "get_many"), ("kvstore-remote", "get_many", "raw-socket", "get_many"),
+    ("kvstore-remote", "stream", "raw-socket", "stream"), ("kvstore-grpc", "stream", "raw-socket", "stream"),
+    ("kvstore-remote", "stream", "redis", "stream"),
     ("kvstore-colocated", "get_many", "kvstore-grpc", "get_many"), ("kvstore-colocated", "get_many", "redis", "get_many"),
 )
 
@@ -283,16 +315,17 @@ def _table(results: list[dict], p: PeersParams) -> Table:
     rows = []
     for e in results:
         if e["status"] != "measured":
-            rows.append([e["workload"], e["peer"], "-", "-", "-", "-", "-", "-", f"{e['status']}: {e['reason']}"])
+            rows.append([e["workload"], e["peer"], *["-"] * 8, f"{e['status']}: {e['reason']}"])
             continue
         for n in p.clients:
-            put, get, many = (_op(e, op, n) for op in OPS)
+            put, get, many, stream = (_op(e, op, n) for op in OPS)
             lat = lambda r: f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}"  # noqa: E731
             status = "measured" + ("" if e["verified"] else " (bytes not checkable)")
             rows.append([e["workload"], e["peer"], n, put["gbps"], get["gbps"], lat(get), many["gbps"], lat(many),
-                         status])
+                         stream["gbps"], lat(stream), status])
     return Table(["workload", "peer", "clients", "put_many GB/s", "get GB/s", "get p50 / p99 ms per block",
-                  "get_many GB/s", "get_many p50 / p99 ms per block", "status"], rows)
+                  "get_many GB/s", "get_many p50 / p99 ms per block", "stream GB/s",
+                  "stream p50 / p99 ms per block", "status"], rows)
 
 
 def _read_path(results: list[dict], peer: str) -> str:
@@ -321,6 +354,10 @@ def _notes(results: list[dict], p: PeersParams, rat: dict) -> list[str]:
         "memory segment, TCP transport; get = store.get, get_many = batch_get_into a registered buffer + "
         "one copy out, put = put_batch. safetensors-dir: one file per layer record under a folder per block "
         "(vLLM's example connector), safetensors.numpy save_file/load_file, warm page cache, no fsync.",
+        "stream: one block into a destination buffer each client keeps (what the prefix loader does with its "
+        "KV buffers): this store's read_into (each record copied into its slot as it arrives, received into "
+        "a reused buffer), Mooncake's batch_get_into its registered buffer, the raw socket's recv_into the "
+        "slots; redis and safetensors-dir: get_many, then a copy into the slots.",
         "Every byte read was compared with what was written; raw-socket (bench/sockserve.py) moves the same "
         "sizes, one request per record, but its server sends zeros: a transport ceiling, not a store.",
     ]
@@ -332,16 +369,16 @@ def _notes(results: list[dict], p: PeersParams, rat: dict) -> list[str]:
     for e in results:
         if e["status"] != "measured":
             notes.append(f"{e['workload']}: {e['peer']} {e['status']}: {e['reason']}")
-        fallback = sum(r.get("reads", {}).get("grpc", 0) for r in e["ops"]) if e["peer"] == "kvstore-colocated" else 0
+        fallback = sum(r.get("reads", {}).get("remote", 0) for r in e["ops"]) if e["peer"] == "kvstore-colocated" else 0
         if fallback:
             notes.append(f"{e['workload']}: {fallback} reads of kvstore-colocated went over the network, not the LMDB map.")
-    notes.append("kvclient's read counters in the JSON (`reads`) can undercount with threads; its 'grpc' "
-                 "counts every read not served from the map, data plane included.")
+    notes.append("kvclient's read counters in the JSON (`reads`): 'colocated' from the LMDB map, 'remote' "
+                 "over the network (data plane or gRPC).")
     return notes
 
 
 def _plot(results: list[dict], p: PeersParams):
-    bars = [("get_many", 1), ("get_many", max(p.clients)), ("get", 1), ("put_many", 1)]
+    bars = [("stream", 1), ("get_many", 1), ("get_many", max(p.clients)), ("get", 1), ("put_many", 1)]
 
     def plot(fig) -> None:
         for j, wname in enumerate(p.workloads):

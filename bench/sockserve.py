@@ -113,6 +113,13 @@ def get_records(sock: socket.socket, sizes: Sequence[int]) -> float:
     return time.perf_counter() - t0
 
 
+def get_records_into(sock: socket.socket, views: Sequence[memoryview]) -> None:
+    """Read one record into each caller-owned view (no allocation)."""
+    for view in views:
+        sock.sendall(HEADER.pack(b"G", len(view)))
+        _recv_exact_into(sock, view)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--listen", default="127.0.0.1:0")

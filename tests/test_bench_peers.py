@@ -47,8 +47,9 @@ def test_this_store_is_measured(doc):
         assert _entry(doc, w, "kvstore-remote")["read_path"]  # data plane or gRPC, as the node said
         assert _entry(doc, w, "kvstore-grpc")["read_path"] == "gRPC"
         colocated = [r for r in _entry(doc, w, "kvstore-colocated")["ops"] if "reads" in r]
-        assert colocated and all(r["reads"]["grpc"] == 0 for r in colocated)  # the LMDB map, not gRPC
+        assert colocated and all(r["reads"]["remote"] == 0 for r in colocated)  # the LMDB map, not the network
         assert doc["ratios"][w]["1_clients"]["kvstore-grpc get_many / raw-socket get_many"] > 0
+        assert doc["ratios"][w]["1_clients"]["kvstore-remote stream / raw-socket stream"] > 0
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")

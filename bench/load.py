@@ -114,6 +114,8 @@ def time_loads(paths: dict, plans: dict, layout, buffers, rounds: int) -> dict[t
 def resident_seconds(model, layout, tokens: int, repeats: int) -> float:
     """The ceiling of any store: a 1-token generate whose prefix KV already sits in warm KV buffers
     (no lookup, no load): reuse minus everything the store does. Median of `repeats` runs."""
+    from inference.generator import CACHE_KWARG
+    from inference.graphs import static_cache
     from inference.kvbuffers import KVBuffers
 
     device = layout.device
@@ -128,8 +130,11 @@ def resident_seconds(model, layout, tokens: int, repeats: int) -> float:
     del prefix
 
     def once() -> None:
+        cache = buffers.cache(tokens - 1)
+        if torch.device(device).type == "cuda":  # what CachedGenerator runs on there (graphs)
+            cache = static_cache(buffers.kv, tokens - 1, tokens + 1) or cache
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=buffers.cache(tokens - 1),
+            model.generate(ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cache},
                            use_cache=True, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
         sync(device)
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({second.fetched_bytes / 1e6:.1f} MB), prefilled {second.prefilled_tokens}, "
           f"first token after {reuse:.3f} s")
     print(f"read path: {paths['colocated']} records from the nodes' LMDB maps (co-located), "
-          f"{paths['grpc']} over gRPC")
+          f"{paths['remote']} over the network")
     print(f"speedup to first token: {first.prefill_seconds / reuse:.1f}x")
     print(f"KV size: {per_token * ids.shape[1] / 1e6:.1f} MB for {ids.shape[1]} tokens ({per_token} bytes/token)")
     print(f"answer: {decode_tokens(tokenizer, second.new_tokens).strip()}")

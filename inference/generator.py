@@ -31,6 +31,19 @@ from .kvbuffers import KVArena
 log = logging.getLogger(__name__)
 
 
+def _cache_kwarg() -> str:
+    """generate's name for the cache argument: `cache` where transformers renamed it (5.24
+    deprecates `past_key_values`), `past_key_values` before."""
+    import inspect
+
+    import transformers.generation.utils as generation_utils
+
+    return "cache" if 'deprecate_kwarg("past_key_values"' in inspect.getsource(generation_utils) else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
+
+
 @dataclass
 class GenerationResult:
     sequences: torch.Tensor  # [1, prompt + new tokens]
@@ -161,7 +174,7 @@ class CachedGenerator:
         mask = generate_kwargs.pop("attention_mask", None)
         if mask is not None and not bool(torch.as_tensor(mask).all()):
             raise ValueError("padded prompts are not supported (attention_mask must be all ones)")
-        for reserved in ("past_key_values", "use_cache"):
+        for reserved in ("past_key_values", "cache", "use_cache"):
             if reserved in generate_kwargs:
                 raise ValueError(f"{reserved} is managed by CachedGenerator")
         tokens = ids[0].tolist()
@@ -276,7 +289,7 @@ class CachedGenerator:
             return self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
+                **{CACHE_KWARG: cache},
                 use_cache=True,
                 max_new_tokens=max_new_tokens,
                 streamer=clock,

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 
 from bench import sockserve
+from bench.load import _timed_runs
+from bench.peer_clients import free_port
 from bench.servers import kvstore_node, socket_server
 from kvclient import Client
 
@@ -32,19 +34,7 @@ RECORDS, BATCH = 64, 36
 
 def _rate(fn: Callable[[], object], nbytes: int, repeats: int) -> float:
     """Median GB/s of `repeats` timed runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return nbytes / _timed_runs(fn, repeats, statistics.median) / 1e9
 
 
 def kvstore_rows(keys: list[bytes], values: list[bytes], repeats: int) -> dict[str, float]:
@@ -81,7 +71,7 @@ def redis_rows(keys: list[bytes], values: list[bytes], repeats: int) -> dict[str
         return {}
     if binary is None:
         return {}
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

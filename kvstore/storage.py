@@ -142,7 +142,7 @@ class Storage:
             found = txn.get(FORMAT_KEY, db=self.meta_db)
             empty = txn.stat(self.data_db)["entries"] == 0
         current = str(record.VERSION).encode()
-        if found == current:
+        if found == current or (found is None and empty and self.readonly):
             return
         if found is None and empty and not self.readonly:
             with self.env.begin(db=self.meta_db, write=True) as txn:

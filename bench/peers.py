@@ -3,8 +3,9 @@ store (a remote client and a co-located one), redis-server, Mooncake Store over 
 safetensors files (vLLM's example connector), and a raw TCP socket as the transport ceiling.
 
 Per peer and workload: `put_many` of one block (all its layer records), single-record `get` of
-each layer record of a block, and batched `get_many` of a whole block, with 1 and 4 concurrent
-clients (threads). Every byte read is compared with what was written; a
+each layer record of a block, batched `get_many` of a whole block, and `stream` (a block into a
+buffer the client keeps, as the prefix loader does), with 1 and 4 concurrent clients (threads).
+The report (table, ratios, notes, plot) is ``bench.peers_report``. Every byte read is compared with what was written; a
 peer that returns other bytes is reported as failed, not as a number. GB = 1e9 bytes.
 """
 

@@ -199,7 +199,7 @@ class CachedGenerator:
         try:
             prefix = load(background=self.pipelined())
         except Exception as exc:  # noqa: BLE001 - a bug in the load: see internal_errors
-            prefix = self._internal_error("loading", exc, load)
+            prefix = self._load_failed(exc, load)
         fetch_seconds = time.perf_counter() - started
 
         clock = FirstTokenClock(generate_kwargs.pop("streamer", None))
@@ -210,7 +210,7 @@ class CachedGenerator:
 
         def run(loaded: LoadedPrefix):
             used["cache"] = cache = self._model_cache(loaded, needed)
-            return self._run_model(ids, max_new_tokens, clock, generate_kwargs, cache)
+            return self._run_model(ids, max_new_tokens, clock, generate_kwargs, cache, ids.shape[1] - loaded.tokens)
 
         try:
             try:
@@ -225,14 +225,14 @@ class CachedGenerator:
             except Exception as exc:  # noqa: BLE001 - a bug in a pipelined load: see internal_errors
                 if prefix.pending is None:
                     raise  # the model's own error, not the load's
-                prefix = self._internal_error("loading", exc, load)
+                prefix = self._load_failed(exc, load)
                 clock.restart()
                 out = run(prefix)
         finally:
             try:
                 prefix = prefix.settle()  # no load may still write into buffers that go back to the pool
             except Exception as exc:  # noqa: BLE001
-                prefix = self._internal_error("loading", exc, load)
+                prefix = self._load_failed(exc, load)
         prefill_seconds = (clock.first_token_at or time.perf_counter()) - started
 
         published = self._publish_new(plan, prefix, used.get("cache", prefix.cache)) if self.publish else None
@@ -251,11 +251,11 @@ class CachedGenerator:
             published=published,
         )
 
-    def _internal_error(self, what: str, exc: Exception, load) -> LoadedPrefix:
-        """A bug while `what`: raise it (tests), or log it, count it and go on without the prefix."""
+    def _load_failed(self, exc: Exception, load) -> LoadedPrefix:
+        """A bug in the load: raise it (tests), or log it, count it and go on without the prefix."""
         if self.internal_errors == "raise":
             raise exc
-        log.error("internal error while %s KV; answering by a full prefill", what, exc_info=exc)
+        log.error("internal error while loading KV; answering by a full prefill", exc_info=exc)
         with self._stats_lock:
             self.stats["internal_error"] += 1
         buffers = load.keywords["buffers"]
@@ -280,8 +280,8 @@ class CachedGenerator:
             return self.pipeline_loads
         return self.layout.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
 
-    def _run_model(self, ids, max_new_tokens, clock, generate_kwargs, cache):
-        if isinstance(cache, StaticCache) and CHUNKED_PREFILL and ids.shape[1] - cache.layers[0].cumulative_length.item() == 1:
+    def _run_model(self, ids, max_new_tokens, clock, generate_kwargs, cache, uncached: int):
+        if isinstance(cache, StaticCache) and CHUNKED_PREFILL and uncached == 1:
             # the first token after a load is a one-token step too: a one-token "chunk" goes
             # through the same compiled (captured) forward as the decode steps
             generate_kwargs = {"prefill_chunk_size": 1, **generate_kwargs}

@@ -65,7 +65,7 @@ class _Load:
         self.layer_done = [threading.Event() for _ in range(n_layers)] if background else None
         self.failed: dict[int, str] = {}  # segment -> why it is unusable
         self.error: BaseException | None = None  # a bug: the load is void, the caller sees it
-        self.keys: list[bytes] = []  # store key of each record, in self.order
+        self.keys = [record_key(segments[s][0], layer) for layer, s in self.order]  # store key per record
         self.nbytes = 0
         self.lock = threading.Lock()
         self.heads: dict[tuple[int, int], bytes] = {}
@@ -251,12 +251,10 @@ def load_prefix(
     if not total:
         return loaded_prefix(plan, [], buffers, max_tokens, 0, lookup_reasons, started)
     load = _Load(segments, layout, buffers, verify, threads, background)
-    store_keys = [record_key(segments[s][0], layer) for layer, s in load.order]
-    load.keys = store_keys
 
     def run() -> LoadedPrefix:
         try:
-            load.missing(client.read_into(store_keys, load.sink, verify=False))
+            load.missing(client.read_into(load.keys, load.sink, verify=False))
         except KVCacheError as exc:  # a store failure is a miss, never a failed request
             log.warning("fetching KV blocks failed: %s", exc)
             with load.lock:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from kvproto import record
-from kvproto.errors import InvalidArgument, KVCacheError, Unavailable, from_rpc_error
+from kvproto.errors import InvalidArgument, KVCacheError, Unavailable, from_status
 from kvproto.dataplane import CODE, CORRUPT, ENTRY, ERROR, FOUND, GET, HEADER, HELLO, MAGIC, MISSING, OK, VERSION, tune
 from kvproto.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 
@@ -33,19 +33,6 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 class CannotConnect(Unavailable):
     """The data connection could not be opened (refused, TLS, timeout): use gRPC instead."""
-
-
-class _Status(grpc.RpcError):
-    """An ERROR frame in the shape from_rpc_error reads (one mapping of codes to errors)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 class DataConnection:
@@ -126,7 +113,7 @@ class DataConnection:
         code = _CODES.get(value, grpc.StatusCode.UNKNOWN)
         if code != grpc.StatusCode.INVALID_ARGUMENT:  # the node closes after any other error
             self.usable = False
-        raise from_rpc_error(_Status(code, message), self.node)
+        raise from_status(code, message, self.node)
 
     # ---- reads -------------------------------------------------------------------------
     def request(self, keys: Sequence[bytes], deadline: float) -> None:

@@ -126,6 +126,25 @@ class ReplicaSet:
             raise exc from first
 
     # ---- reads --------------------------------------------------------------------------
+    def _in_rank_order(self, orders: Sequence[Sequence[str]], indices: Iterable[int],
+                       ask: Callable[[str, list[int], set[int]], None], settled: Callable[[int], bool]) -> None:
+        """ask(node, key indices, answered) of each key's replicas in order, until settled(i);
+        raise Unavailable for the keys no replica answered (the one miss rule of every read)."""
+        pending = list(indices)
+        answered: set[int] = set()
+        last_error: KVCacheError | None = None
+        rank = 0
+        while pending and rank < max((len(orders[i]) for i in pending), default=0):
+            work = by_rank(orders, pending, rank)
+            for outcome in self.fan_out(work, lambda node, idx: ask(node, idx, answered)).values():
+                if isinstance(outcome, KVCacheError):
+                    last_error = outcome
+            pending = [i for i in pending if not settled(i)]
+            rank += 1
+        unanswered = [i for i in pending if i not in answered]
+        if unanswered:
+            raise Unavailable(f"{len(unanswered)} keys: no replica answered") from last_error
+
     def fetch(self, keys: Sequence[bytes], orders: Sequence[Sequence[str]], indices: Iterable[int],
               results: list[bytes | None], sink: Sink | None = None) -> None:
         """Fill results[i] for `indices` from their replicas in order; raise Unavailable for any
@@ -133,77 +152,50 @@ class ReplicaSet:
 
         With `sink`, each record goes to sink([(i, view, None)]) as it arrives instead (verified,
         one call at a time), received into a connection's reusable buffer: no fresh memory per
-        record; results[i] then only marks what was found."""
-        pending = list(indices)
-        answered: set[int] = set()
+        record; results[i] then only marks what was found (b"")."""
         lacking: dict[int, list[str]] = defaultdict(list)  # replicas that answered missing/corrupt
-        owed: dict[int, bytes] = {}  # sink mode: bytes kept for read repair only
+        owed: dict[int, bytes] = {}  # what read repair writes back
         delivering = threading.Lock()
-        last_error: KVCacheError | None = None
-        rank = 0
-        while pending and rank < max((len(orders[i]) for i in pending), default=0):
-            work = by_rank(orders, pending, rank)
 
-            def one(node: str, idx: list[int]) -> None:
-                entries = self.conn(node).get([keys[i] for i in idx], self.stream_timeout, reuse=sink is not None)
-                for j, value, corrupt in entries:
-                    i = idx[j]
-                    if value is not None:
-                        if sink is None:
-                            results[i] = value
-                        else:
-                            with delivering:
-                                sink([(i, memoryview(value), None)])
-                            results[i] = b""
-                            if lacking.get(i):
-                                owed[i] = bytes(value)
-                        answered.add(i)
-                    else:
-                        if not corrupt:
-                            answered.add(i)  # "missing" is an answer; damaged bytes are not
-                        lacking[i].append(node)
+        def ask(node: str, idx: list[int], answered: set[int]) -> None:
+            entries = self.conn(node).get([keys[i] for i in idx], self.stream_timeout, reuse=sink is not None)
+            for j, value, corrupt in entries:
+                i = idx[j]
+                if value is None:
+                    if not corrupt:
+                        answered.add(i)  # "missing" is an answer; damaged bytes are not
+                    lacking[i].append(node)
+                    continue
+                answered.add(i)
+                if sink is None:
+                    results[i] = value
+                else:
+                    with delivering:
+                        sink([(i, memoryview(value), None)])
+                    results[i] = b""
+                if lacking.get(i):  # a replica before this one lacked it
+                    owed[i] = value if sink is None else bytes(value)
 
-            for outcome in self.fan_out(work, one).values():
-                if isinstance(outcome, KVCacheError):
-                    last_error = outcome
-            pending = [i for i in pending if results[i] is None]
-            rank += 1
-        unanswered = [i for i in pending if i not in answered]
-        if unanswered:
-            raise Unavailable(f"{len(unanswered)} keys: no replica answered") from last_error
-        self._read_repair(keys, results if sink is None else owed, lacking)
+        self._in_rank_order(orders, indices, ask, lambda i: results[i] is not None)
+        self._read_repair(keys, owed, lacking)
 
     def present(self, keys: Sequence[bytes], orders: Sequence[Sequence[str]], indices: Iterable[int],
                 present: list[bool]) -> None:
         """Set present[i] for `indices` by Lookup over their replicas (same miss rule as fetch)."""
-        pending = list(indices)
-        answered: set[int] = set()
-        last_error: KVCacheError | None = None
-        rank = 0
-        while pending and rank < max((len(orders[i]) for i in pending), default=0):
-            work = by_rank(orders, pending, rank)
-            outcomes = self.fan_out(work, lambda n, idx: self.conn(n).lookup([keys[i] for i in idx], self.timeout))
-            for node, outcome in outcomes.items():
-                if isinstance(outcome, KVCacheError):
-                    last_error = outcome
-                    continue
-                for i, p in zip(work[node], outcome):
-                    present[i] = present[i] or p
-                    answered.add(i)
-            pending = [i for i in pending if not present[i]]
-            rank += 1
-        unanswered = [i for i in pending if i not in answered]
-        if unanswered:
-            raise Unavailable(f"{len(unanswered)} keys: no replica answered") from last_error
 
-    def _read_repair(self, keys: Sequence[bytes], results, lacking: dict[int, list[str]]) -> None:
-        """Write records back to replicas that lacked them or held damaged copies (background).
-        `results`: a list (None: not found) or a dict of the values found."""
+        def ask(node: str, idx: list[int], answered: set[int]) -> None:
+            for i, p in zip(idx, self.conn(node).lookup([keys[i] for i in idx], self.timeout)):
+                present[i] = present[i] or p
+                answered.add(i)
+
+        self._in_rank_order(orders, indices, ask, lambda i: present[i])
+
+    def _read_repair(self, keys: Sequence[bytes], owed_values: dict[int, bytes], lacking: dict[int, list[str]]) -> None:
+        """Write records back to replicas that lacked them or held damaged copies (background)."""
         owed: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
-        for i, nodes in lacking.items():
-            if (results.get(i) if isinstance(results, dict) else results[i]) is not None:
-                for node in nodes:
-                    owed[node].append((keys[i], results[i]))
+        for i, value in owed_values.items():
+            for node in lacking[i]:
+                owed[node].append((keys[i], value))
         for node, items in owed.items():
             self.repairs += len(items)
             future = self._pool.submit(self._repair_one, node, items)

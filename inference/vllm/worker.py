@@ -1,0 +1,207 @@
+"""The worker side of the connector: store records ⇄ vLLM's paged KV tensors.
+
+Loads run in ``start_load_kv``, before the forward that uses them: each request's blocks are read
+layer-major with one ``read_into`` (views of a co-located node's LMDB map, or records off gRPC,
+checked by their digest either way), each record decoded straight into a staging block and
+scattered into its vLLM blocks. A record that is missing, corrupt or of the wrong dtype, shape or
+layer, or a store that does not answer, fails its store block: that block's and every later
+block's vLLM blocks are reported by ``get_block_ids_with_load_errors`` and vLLM recomputes them
+(``kv_load_failure_policy: "recompute"``); the failure is counted by reason.
+
+Saves: ``save_kv_layer`` gathers each newly completed store block out of the layer's cache (a
+copy, so vLLM may free the blocks at once); ``wait_for_save`` hands complete blocks (all layers)
+to one background thread that encodes them and writes each block with one ``put_many``
+(write-behind: the forward never waits for the network).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from kvproto.errors import KVCacheError
+from kvproto.keys import record_key
+
+from ..codec import RecordError, decode_into, encode
+from .layout import PagedLayout
+from .plan import RequestTransfer, StoreConnectorMetadata
+
+log = logging.getLogger(__name__)
+
+
+def _layer_index(name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(name)
+
+
+class WorkerSide:
+    def __init__(self, config: Any, vllm_config: Any, num_blocks: int, client_factory) -> None:
+        self.config, self.vllm_config = config, vllm_config
+        self.num_blocks = num_blocks
+        self.vllm_block = vllm_config.cache_config.block_size
+        self.block = config.block_size
+        self._client_factory = client_factory
+        self._client = None
+        self.names: list[str] = []  # attention layers in layer order
+        self.caches: list[torch.Tensor] = []
+        self.layout: PagedLayout | None = None
+        self.failed_block_ids: set[int] = set()
+        self.pending: dict[tuple[str, bytes], list[torch.Tensor | None]] = {}
+        self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-save")
+        self.stats: Counter = Counter()
+        self.lock = threading.Lock()
+        self.kv_heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
+        self.head_dim = vllm_config.model_config.get_head_size()
+        self.dtype = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        order = sorted(kv_caches, key=_layer_index)
+        self.names = order
+        self.caches = [kv_caches[name] for name in order]
+        self.index = {name: i for i, name in enumerate(order)}
+        self.dtype = self.caches[0].dtype
+
+    def _layout(self) -> PagedLayout:
+        if self.layout is None:
+            layer = self.vllm_config.compilation_config.static_forward_context[self.names[0]]
+            self.layout = PagedLayout.probe(layer, self.caches[0], self.num_blocks, self.vllm_block,
+                                            self.kv_heads, self.head_dim)
+        return self.layout
+
+    # ---- loads ---------------------------------------------------------------------------
+    def start_load(self, meta: StoreConnectorMetadata) -> None:
+        for transfer in meta.requests:
+            if transfer.loads:
+                self._load(transfer)
+
+    def _load(self, transfer: RequestTransfer) -> None:
+        started = time.perf_counter()
+        layout = self._layout()
+        loads, n_layers = transfer.loads, len(self.caches)
+        keys = [record_key(bt.key, layer) for layer in range(n_layers) for bt in loads]
+        failed: dict[int, str] = {}  # store block (index into loads) -> reason
+        staging = torch.empty((2, self.kv_heads, self.block, self.head_dim), dtype=self.dtype)
+        device = self.caches[0].device
+        ids = [torch.tensor(bt.block_ids[bt.skip:], dtype=torch.int64, device=device) for bt in loads]
+        nbytes = 0
+
+        def sink(batch) -> None:
+            nonlocal nbytes
+            for i, view, _ in batch:
+                layer, b = divmod(i, len(loads))
+                if b in failed:
+                    continue
+                try:
+                    decode_into(view, staging, layer=layer)
+                except RecordError as exc:
+                    failed[b] = exc.reason
+                    continue
+                skip = loads[b].skip * self.vllm_block
+                layout.scatter(self.caches[layer], ids[b], staging[:, :, skip:].to(device, non_blocking=True))
+                nbytes += len(view)
+
+        try:
+            found = self.client.read_into(keys, sink, verify=self.config.verify)
+        except KVCacheError as exc:
+            log.warning("kvstore load failed, recomputing: %s", exc)
+            found = [True] * len(keys)
+            failed.update({b: "store_error" for b in range(len(loads))})
+        lacking = [i for i, ok in enumerate(found) if not ok]
+        if lacking:
+            self._why_lacking(keys, lacking, len(loads), failed)
+        usable = min(failed) if failed else len(loads)
+        for b in range(usable, len(loads)):
+            self.failed_block_ids.update(loads[b].block_ids[loads[b].skip:])
+        with self.lock:
+            self.stats["hit_tokens"] += sum(self.block - bt.skip * self.vllm_block for bt in loads[:usable])
+            for b in range(usable, len(loads)):
+                reason = failed.get(b, failed[usable])
+                self.stats[f"miss_tokens:{reason}"] += self.block - loads[b].skip * self.vllm_block
+            self.stats["load_bytes"] += nbytes
+            self.stats["load_seconds_us"] += int((time.perf_counter() - started) * 1e6)
+
+    def _why_lacking(self, keys: list[bytes], lacking: list[int], n_blocks: int, failed: dict[int, str]) -> None:
+        """A record the read did not deliver: present but failing its digest (corrupt), or gone."""
+        try:
+            present = self.client.exists([keys[i] for i in lacking])
+        except KVCacheError:
+            present = [False] * len(lacking)
+        for i, there in zip(lacking, present):
+            failed.setdefault(i % n_blocks, "corrupt" if there else "missing_layer")
+
+    def load_errors(self) -> set[int]:
+        out, self.failed_block_ids = self.failed_block_ids, set()
+        return out
+
+    # ---- saves ---------------------------------------------------------------------------
+    def save_layer(self, name: str, kv_layer: torch.Tensor, meta: StoreConnectorMetadata) -> None:
+        layer = self.index.get(name)
+        if layer is None:
+            return
+        for transfer in meta.requests:
+            for bt in transfer.saves:
+                slot = self.pending.setdefault((transfer.req_id, bt.key), [None] * len(self.caches))
+                ids = torch.tensor(bt.block_ids, dtype=torch.int64, device=kv_layer.device)
+                slot[layer] = self._layout().gather(kv_layer, ids)
+
+    def wait_for_save(self) -> None:
+        ready = [(key, layers) for (_, key), layers in self.pending.items() if all(t is not None for t in layers)]
+        if not ready:
+            return
+        for key, _ in ready:
+            self.pending = {k: v for k, v in self.pending.items() if k[1] != key}
+        host = [(key, [t.to("cpu", non_blocking=True) for t in layers]) for key, layers in ready]
+        if self.caches and self.caches[0].device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        self.saver.submit(self._put, host)
+
+    def _put(self, blocks: list[tuple[bytes, list[torch.Tensor]]]) -> None:
+        for key, layers in blocks:
+            started = time.perf_counter()
+            try:
+                items = [(record_key(key, layer), encode(kv[0], kv[1], layer)) for layer, kv in enumerate(layers)]
+                self.client.put_many(items)
+            except KVCacheError as exc:
+                log.warning("kvstore save failed (the block stays uncached): %s", exc)
+                with self.lock:
+                    self.stats["save_errors"] += 1
+                continue
+            except Exception:  # a bug: log it, never take the engine down for a cache write
+                log.exception("kvstore save failed")
+                with self.lock:
+                    self.stats["save_errors"] += 1
+                continue
+            with self.lock:
+                self.stats["saved_blocks"] += 1
+                self.stats["save_bytes"] += sum(len(v) for _, v in items)
+                self.stats["save_seconds_us"] += int((time.perf_counter() - started) * 1e6)
+
+    def take_stats(self) -> dict[str, int]:
+        with self.lock:
+            out, self.stats = dict(self.stats), Counter()
+        return out
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait for the saves handed over so far."""
+        self.saver.submit(lambda: None).result(timeout=timeout)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.saver.shutdown(wait=True)
+            if self._client is not None:
+                self._client.close()

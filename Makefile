@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench proto clean
+.PHONY: venv demo demo-vllm test bench proto clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ proto: venv
 
 demo: venv
 	$(PY) -m inference.demo
+
+demo-vllm: venv
+	$(PY) -m inference.vllm.demo
 
 test: venv
 	$(PY) -m pytest -q

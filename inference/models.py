@@ -35,6 +35,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                 rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+# a tiny Qwen3 vLLM can serve: its CPU attention takes head sizes of 32 and up, and it needs a
+# tokenizer (SmolLM2's, hence its vocabulary)
+TINY_VLLM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=49152, max_position_embeddings=8192)
 MODEL_NAMES = ("tiny-qwen3", "tiny-llama", "smollm2", "qwen3-4b-random")
 
 
@@ -136,6 +140,26 @@ def smollm2_dir(cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     try:
         os.rename(partial, target)  # atomic: a concurrent converter either wins or finds it done
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, "model.safetensors")):
+            raise
+    return target
+
+
+def tiny_qwen3_dir(cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0) -> str:
+    """A tiny random Qwen3 saved with save_pretrained (safetensors + SmolLM2's tokenizer), for vLLM."""
+    target = os.path.join(cache_dir, f"tiny-qwen3-vllm-{seed}")
+    if os.path.isfile(os.path.join(target, "model.safetensors")):
+        return target
+    model = random_model(Qwen3ForCausalLM, Qwen3Config(**TINY_VLLM, rope_theta=10000.0), seed, 0.15)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(cache_dir))
+    partial = target + f".tmp{os.getpid()}"
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.rename(partial, target)
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)
         if not os.path.isfile(os.path.join(target, "model.safetensors")):

@@ -8,9 +8,9 @@ the KV store. Load it from outside vLLM::
 
 The scheduler side (``plan.SchedulerSide``) looks a request's blocks up in one batched call and
 plans loads and saves; the worker side (``worker.WorkerSide``) moves records in and out of the
-paged KV tensors, in the layout read from the attention backend (``layout.PagedLayout``). Loads are
-synchronous with the step that needs them (the records are local or one RPC away); saves are
-write-behind. Failures become recomputed blocks, never wrong KV.
+paged KV tensors, in the layout read from the attention backend (``layout.PagedLayout``). Loads
+belong to the step that needs them (vLLM sees them as synchronous) and run layer by layer beside
+its forward: each attention layer waits for its own records only. Saves are write-behind. Failures become recomputed blocks, never wrong KV.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             self.worker.start_load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads finish in start_load_kv, before the forward
+        self.worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata

@@ -44,7 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.kv_transfer_config:
         kwargs["kv_transfer_config"] = KVTransferConfig(**json.loads(args.kv_transfer_config))
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
-              disable_log_stats=False, seed=0, **kwargs)
+              disable_log_stats=False, seed=0, enable_prefix_caching=not args.no_prefix_caching, **kwargs)
     print("READY", json.dumps({"seconds": time.perf_counter() - started}), flush=True)
     for line in sys.stdin:
         if not line.strip():
@@ -73,9 +73,10 @@ class Engine:
     """`with Engine(model_dir, kv_transfer_config=...) as e: e.generate([[1, 2, 3]])`."""
 
     def __init__(self, model: str, dtype: str = "bfloat16", kv_transfer_config: dict | None = None,
-                 max_model_len: int = 4096, env: dict[str, str] | None = None, start_timeout: float = 600) -> None:
+                 max_model_len: int = 4096, prefix_caching: bool = True, env: dict[str, str] | None = None,
+                 start_timeout: float = 600) -> None:
         argv = [sys.executable, "-m", "inference.vllm.run", "--model", model, "--dtype", dtype,
-                "--max-model-len", str(max_model_len)]
+                "--max-model-len", str(max_model_len)] + ([] if prefix_caching else ["--no-prefix-caching"])
         if kv_transfer_config is not None:
             argv += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
         full_env = {**ENV_DEFAULTS, **os.environ, **(env or {})}
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--kv-transfer-config", default=None, help="JSON of vLLM's KVTransferConfig")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's own prefix cache off")
     return serve(parser.parse_args(argv))
 
 

@@ -1,12 +1,14 @@
 """The worker side of the connector: store records ⇄ vLLM's paged KV tensors.
 
-Loads run in ``start_load_kv``, before the forward that uses them: each request's blocks are read
-layer-major with one ``read_into`` (views of a co-located node's LMDB map, or records off gRPC,
-checked by their digest either way), each record decoded straight into a staging block and
-scattered into its vLLM blocks. A record that is missing, corrupt or of the wrong dtype, shape or
-layer, or a store that does not answer, fails its store block: that block's and every later
-block's vLLM blocks are reported by ``get_block_ids_with_load_errors`` and vLLM recomputes them
-(``kv_load_failure_policy: "recompute"``); the failure is counted by reason.
+Loads: ``start_load_kv`` (before the forward that needs them) starts one thread that reads the
+step's blocks layer by layer, one ``read_into`` per layer for every request (views of a
+co-located node's LMDB map, or records off gRPC, checked by their digest either way), decodes
+each record into a staging block and scatters it into its vLLM blocks; ``wait_for_layer_load``
+holds layer L's attention until layer L's records are in. A record that is missing, corrupt or of
+the wrong dtype, shape or layer, or a store that does not answer, fails its store block: that
+block's and every later block's vLLM blocks are reported by ``get_block_ids_with_load_errors``
+and vLLM recomputes them (``kv_load_failure_policy: "recompute"``); the failure is counted by
+reason.
 
 Saves: ``save_kv_layer`` gathers each newly completed store block out of the layer's cache (a
 copy, so vLLM may free the blocks at once); ``wait_for_save`` hands complete blocks (all layers)
@@ -53,6 +55,7 @@ class WorkerSide:
         self.caches: list[torch.Tensor] = []
         self.layout: PagedLayout | None = None
         self.failed_block_ids: set[int] = set()
+        self.job: _LoadJob | None = None
         self.pending: dict[tuple[str, bytes], list[torch.Tensor | None]] = {}
         self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-save")
         self.stats: Counter = Counter()
@@ -83,66 +86,104 @@ class WorkerSide:
 
     # ---- loads ---------------------------------------------------------------------------
     def start_load(self, meta: StoreConnectorMetadata) -> None:
-        for transfer in meta.requests:
-            if transfer.loads:
-                self._load(transfer)
+        """Start this step's loads on a thread, layer by layer: layer L's attention waits for
+        layer L's records only (``wait_layer``), so later layers arrive while earlier ones compute."""
+        work = [t for t in meta.requests if t.loads]
+        if not work:
+            return
+        self._layout()  # probe (once) on this thread, before any copy runs beside the forward
+        self.finish_loads()
+        job = _LoadJob(work, len(self.caches))
+        self.job = job
+        job.thread = threading.Thread(target=self._run, args=(job,), name="kvstore-load", daemon=True)
+        job.thread.start()
 
-    def _load(self, transfer: RequestTransfer) -> None:
+    def wait_layer(self, name: str) -> None:
+        job, layer = self.job, self.index.get(name)
+        if job is not None and layer is not None:
+            job.done[layer].wait()
+
+    def finish_loads(self) -> None:
+        """Wait for the step's loads; account their failures (vLLM recomputes those blocks)."""
+        job, self.job = self.job, None
+        if job is None:
+            return
+        job.thread.join()
+        for t, (transfer, failed) in enumerate(zip(job.work, job.failed)):
+            loads = transfer.loads
+            usable = min(failed) if failed else len(loads)
+            for b in range(usable, len(loads)):
+                self.failed_block_ids.update(loads[b].block_ids[loads[b].skip:])
+            with self.lock:
+                self.stats["hit_tokens"] += sum(self.block - bt.skip * self.vllm_block for bt in loads[:usable])
+                for b in range(usable, len(loads)):
+                    reason = failed.get(b, failed[usable]) if failed else "store_error"
+                    self.stats[f"miss_tokens:{reason}"] += self.block - loads[b].skip * self.vllm_block
+        with self.lock:
+            self.stats["load_bytes"] += job.nbytes
+            self.stats["load_seconds_us"] += int(job.seconds * 1e6)
+
+    def _run(self, job: "_LoadJob") -> None:
         started = time.perf_counter()
-        layout = self._layout()
-        loads, n_layers = transfer.loads, len(self.caches)
-        keys = [record_key(bt.key, layer) for layer in range(n_layers) for bt in loads]
-        failed: dict[int, str] = {}  # store block (index into loads) -> reason
-        staging = torch.empty((2, self.kv_heads, self.block, self.head_dim), dtype=self.dtype)
-        device = self.caches[0].device
-        ids = [torch.tensor(bt.block_ids[bt.skip:], dtype=torch.int64, device=device) for bt in loads]
-        nbytes = 0
+        try:
+            for layer in range(len(self.caches)):
+                try:
+                    self._load_layer(job, layer)
+                except Exception:  # a bug: the blocks are recomputed, never used
+                    log.exception("kvstore load failed")
+                    for failed, transfer in zip(job.failed, job.work):
+                        failed.update({b: "store_error" for b in range(len(transfer.loads)) if b not in failed})
+                finally:
+                    job.done[layer].set()
+        finally:
+            for event in job.done:
+                event.set()
+            job.seconds = time.perf_counter() - started
+
+    def _load_layer(self, job: "_LoadJob", layer: int) -> None:
+        layout, cache = self.layout, self.caches[layer]
+        wanted = [(t, b) for t, transfer in enumerate(job.work) for b in range(len(transfer.loads))
+                  if b not in job.failed[t]]
+        if not wanted:
+            return
+        keys = [record_key(job.work[t].loads[b].key, layer) for t, b in wanted]
+        staging = job.staging(self.kv_heads, self.block, self.head_dim, self.dtype)
+
+        delivered: set[int] = set()
 
         def sink(batch) -> None:
-            nonlocal nbytes
             for i, view, _ in batch:
-                layer, b = divmod(i, len(loads))
-                if b in failed:
+                t, b = wanted[i]
+                delivered.add(i)
+                if b in job.failed[t]:
                     continue
                 try:
                     decode_into(view, staging, layer=layer)
                 except RecordError as exc:
-                    failed[b] = exc.reason
+                    job.failed[t][b] = exc.reason
                     continue
-                skip = loads[b].skip * self.vllm_block
-                layout.scatter(self.caches[layer], ids[b], staging[:, :, skip:].to(device, non_blocking=True))
-                nbytes += len(view)
+                bt = job.work[t].loads[b]
+                ids = torch.tensor(bt.block_ids[bt.skip:], dtype=torch.int64, device=cache.device)
+                layout.scatter(cache, ids, staging[:, :, bt.skip * self.vllm_block:].to(cache.device))
+                job.nbytes += len(view)
 
         try:
-            found = self.client.read_into(keys, sink, verify=self.config.verify)
-        except KVCacheError as exc:
-            log.warning("kvstore load failed, recomputing: %s", exc)
-            found = [True] * len(keys)
-            failed.update({b: "store_error" for b in range(len(loads))})
-        lacking = [i for i, ok in enumerate(found) if not ok]
-        if lacking:
-            self._why_lacking(keys, lacking, len(loads), failed)
-        usable = min(failed) if failed else len(loads)
-        for b in range(usable, len(loads)):
-            self.failed_block_ids.update(loads[b].block_ids[loads[b].skip:])
-        with self.lock:
-            self.stats["hit_tokens"] += sum(self.block - bt.skip * self.vllm_block for bt in loads[:usable])
-            for b in range(usable, len(loads)):
-                reason = failed.get(b, failed[usable])
-                self.stats[f"miss_tokens:{reason}"] += self.block - loads[b].skip * self.vllm_block
-            self.stats["load_bytes"] += nbytes
-            self.stats["load_seconds_us"] += int((time.perf_counter() - started) * 1e6)
-
-    def _why_lacking(self, keys: list[bytes], lacking: list[int], n_blocks: int, failed: dict[int, str]) -> None:
-        """A record the read did not deliver: present but failing its digest (corrupt), or gone."""
-        try:
-            present = self.client.exists([keys[i] for i in lacking])
-        except KVCacheError:
-            present = [False] * len(lacking)
-        for i, there in zip(lacking, present):
-            failed.setdefault(i % n_blocks, "corrupt" if there else "missing_layer")
+            self.client.read_into(keys, sink, verify=self.config.verify)
+        except KVCacheError as exc:  # e.g. no replica gave an intact copy: say which below
+            log.warning("kvstore load of layer %d incomplete: %s", layer, exc)
+        lacking = [i for i in range(len(keys)) if i not in delivered]
+        if lacking:  # present but failing its digest everywhere (corrupt), or gone, or unreachable
+            try:
+                present = self.client.exists([keys[i] for i in lacking])
+                reasons = ["corrupt" if there else "missing_layer" for there in present]
+            except KVCacheError:
+                reasons = ["store_error"] * len(lacking)
+            for i, reason in zip(lacking, reasons):
+                t, b = wanted[i]
+                job.failed[t].setdefault(b, reason)
 
     def load_errors(self) -> set[int]:
+        self.finish_loads()
         out, self.failed_block_ids = self.failed_block_ids, set()
         return out
 
@@ -158,6 +199,7 @@ class WorkerSide:
                 slot[layer] = self._layout().gather(kv_layer, ids)
 
     def wait_for_save(self) -> None:
+        self.finish_loads()
         ready = [(key, layers) for (_, key), layers in self.pending.items() if all(t is not None for t in layers)]
         if not ready:
             return
@@ -200,8 +242,27 @@ class WorkerSide:
 
     def close(self) -> None:
         try:
+            self.finish_loads()
             self.flush()
         finally:
             self.saver.shutdown(wait=True)
             if self._client is not None:
                 self._client.close()
+
+
+class _LoadJob:
+    """One step's loads: the requests' transfers, per-layer completion, failures per request."""
+
+    def __init__(self, work: list[RequestTransfer], n_layers: int) -> None:
+        self.work = work
+        self.done = [threading.Event() for _ in range(n_layers)]
+        self.failed: list[dict[int, str]] = [{} for _ in work]  # per request: store block -> reason
+        self.thread: threading.Thread | None = None
+        self.nbytes = 0
+        self.seconds = 0.0
+        self._staging: torch.Tensor | None = None
+
+    def staging(self, heads: int, block: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty((2, heads, block, head_dim), dtype=dtype)
+        return self._staging

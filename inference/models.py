@@ -134,12 +134,17 @@ def smollm2_dir(cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the tensors are dequantised: save them as plain ones
     model.hf_quantizer = None
+    return _save_dir(target, model, tokenizer)
+
+
+def _save_dir(target: str, model: Any, tokenizer: Any) -> str:
+    """save_pretrained into `target`, atomically: a concurrent writer either wins or finds it done."""
     partial = target + f".tmp{os.getpid()}"
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     try:
-        os.rename(partial, target)  # atomic: a concurrent converter either wins or finds it done
+        os.rename(partial, target)
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)
         if not os.path.isfile(os.path.join(target, "model.safetensors")):
@@ -153,18 +158,7 @@ def tiny_qwen3_dir(cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0) -> str:
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     model = random_model(Qwen3ForCausalLM, Qwen3Config(**TINY_VLLM, rope_theta=10000.0), seed, 0.15)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(cache_dir))
-    partial = target + f".tmp{os.getpid()}"
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    os.makedirs(cache_dir, exist_ok=True)
-    try:
-        os.rename(partial, target)
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-        if not os.path.isfile(os.path.join(target, "model.safetensors")):
-            raise
-    return target
+    return _save_dir(target, model, AutoTokenizer.from_pretrained(smollm2_dir(cache_dir)))
 
 
 @contextlib.contextmanager

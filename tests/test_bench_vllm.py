@@ -20,6 +20,8 @@ def _engine(role: str, ttft: dict[int, float], cached: bool, tokens: list[int]) 
         p = {"name": f"{n}", "length": n, "prompt_tokens": n + 20, "samples": [sample, dict(sample, ttft_s=3 * t)]}
         if role == "reader":
             p.update(check_tokens=tokens, check_cached=n)
+        else:
+            p.update(reference_tokens=[5, 6, 7], reference_cached=n)
         prompts.append(p)
     return {"status": "measured", "role": role, "prompts": prompts}
 
@@ -38,8 +40,9 @@ def test_report_on_synthetic_results(tmp_path):
     rows = vllm_bench.summarize(results)
     by = {(r["config"], r["length"]): r for r in rows}
     assert by[("none", 4096)]["reader_ttft_s"] == 20.0  # the median of two runs (10 s and 30 s)
-    assert by[("kvstore-colocated", 1024)]["tokens_equal_none"] is True
-    assert by[("example", 1024)]["tokens_equal_none"] is False  # another 16-token continuation
+    assert by[("kvstore-colocated", 1024)]["tokens_equal_prefix_cache"] is True
+    assert by[("kvstore-colocated", 1024)]["tokens_equal_full_prefill"] is True
+    assert by[("example", 1024)]["tokens_equal_prefix_cache"] is False  # another 16-token continuation
     assert by[("kvstore-grpc", None)]["status"] == "failed"
     rat = vllm_bench.ratios(rows, p)
     assert rat["reader_ttft_over_none"]["4096"]["kvstore-colocated"] == pytest.approx(0.1)
@@ -82,7 +85,7 @@ def test_quick_run_none_and_example(tmp_path):
     for r in rows.values():
         assert r["status"] == "measured", r
         assert r["reader_ttft_s"] > 0 and r["publisher_ttft_s"] > 0 and len(r["check_tokens"]) == 16
-        assert r["tokens_equal_none"] is True
+        assert r["tokens_equal_prefix_cache"] is True
     assert rows["none"]["reader_cached_tokens"] == [0]
     assert rows["example"]["reader_cached_tokens"] == [256]  # the document came from the connector
     assert (tmp_path / "vllm.png").stat().st_size > 0 and "| example | 256 |" in (tmp_path / "vllm.md").read_text()

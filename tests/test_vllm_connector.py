@@ -152,7 +152,7 @@ def smollm2_run():
         cluster.stop()
     if os.environ.get("KV_TEST_DUMP"):
         with open(os.environ["KV_TEST_DUMP"], "w") as f:
-            json.dump({k: v for k, v in run.items() if isinstance(v, dict)}, f)
+            json.dump({k: v for k, v in run.items() if isinstance(v, dict) and "outputs" in v}, f)
     return run
 
 
@@ -166,6 +166,9 @@ def test_fresh_process_loads_the_prompt_and_outputs_equal(smollm2_run):
 def test_concurrent_requests_load_their_documents(smollm2_run):
     result = smollm2_run["read_concurrent"]
     assert all(c >= (DOC_LEN // BLOCK) * BLOCK for c in _cached(result)), _cached(result)
+    # each document came from the store once; requests scheduled with it shared vLLM's copy
+    loaded = result["metrics"]["hit_tokens"] - smollm2_run["read_single"]["metrics"]["hit_tokens"]
+    assert loaded >= 3 * (DOC_LEN // BLOCK) * BLOCK
     assert _outputs(result) == _outputs(smollm2_run["base_concurrent"])
 
 
@@ -186,7 +189,8 @@ def test_flipped_byte_is_recomputed(smollm2_run):
     result = smollm2_run["read_corrupted"]
     before = smollm2_run["read_salted"]["metrics"]
     assert result["metrics"].get("miss_tokens:corrupt", 0) > before.get("miss_tokens:corrupt", 0)
-    assert _cached(result)[0] < (DOC_LEN // BLOCK) * BLOCK
+    # num_cached_tokens is fixed at scheduling; the counters say what was loaded in the end
+    assert result["metrics"]["hit_tokens"] - before["hit_tokens"] < (DOC_LEN // BLOCK) * BLOCK
     assert _outputs(result) == _outputs(smollm2_run["base_corrupted"])
 
 

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, StaticCache, StaticLayer
 
@@ -30,7 +32,11 @@ def _supported() -> bool:
 
 
 SUPPORTED = _supported()
-CHUNKED_PREFILL = hasattr(GenerationConfig(), "prefill_chunk_size")  # its chunks run the compiled forward
+# a one-token prefill chunk runs the compiled (captured) forward too; transformers 5.19's chunked
+# prefill over a preloaded static cache is not token-exact (tests/test_kvbuffers.py caught it),
+# 5.24's is: below that the first step after a load stays an ordinary (uncaptured) forward
+CHUNKED_PREFILL = (hasattr(GenerationConfig(), "prefill_chunk_size")
+                   and Version(transformers.__version__).release >= (5, 24))
 
 
 class BufferStaticLayer(StaticLayer):

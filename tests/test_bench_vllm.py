@@ -16,7 +16,8 @@ from bench.report import Report, write_report
 def _engine(role: str, ttft: dict[int, float], cached: bool, tokens: list[int]) -> dict:
     prompts = []
     for n, t in ttft.items():
-        sample = {"ttft_s": t, "cpu_s": t, "num_cached_tokens": n if cached else 0, "token": tokens[:1], "reset_ok": True}
+        sample = {"ttft_s": t, "cpu_s": t, "num_cached_tokens": n if cached else 0, "token": tokens[:1],
+                  "reset_ok": True}
         p = {"name": f"{n}", "length": n, "prompt_tokens": n + 20, "samples": [sample, dict(sample, ttft_s=3 * t)]}
         if role == "reader":
             p.update(check_tokens=tokens, check_cached=n)
@@ -36,7 +37,8 @@ def test_report_on_synthetic_results(tmp_path):
     p = vllm_bench.VllmParams(lengths=(1024, 4096))
     results = [_config("none", {1024: 1.0, 4096: 10.0}), _config("kvstore-colocated", {1024: 0.1, 4096: 1.0}),
                {"config": "kvstore-grpc", "status": "failed", "reason": "ImportError: no connector"},
-               _config("example", {1024: 2.0, 4096: 0.5}, tokens=(5, 6, 8)), _config("mooncake", {1024: 0.2, 4096: 2.0})]
+               _config("example", {1024: 2.0, 4096: 0.5}, tokens=(5, 6, 8)),
+               _config("mooncake", {1024: 0.2, 4096: 2.0})]
     rows = vllm_bench.summarize(results)
     by = {(r["config"], r["length"]): r for r in rows}
     assert by[("none", 4096)]["reader_ttft_s"] == 20.0  # the median of two runs (10 s and 30 s)

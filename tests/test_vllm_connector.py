@@ -23,7 +23,7 @@ import torch
 
 from inference.embedded import EmbeddedCluster
 from inference.models import load_model, smollm2_dir, tiny_qwen3_dir
-from inference.codec import decode_into
+from inference.codec import decode_into, encode
 from kvclient import Client
 from kvproto.keys import block_keys, namespace, record_key
 
@@ -46,6 +46,7 @@ SINGLE = DOCS[0] + QUESTIONS[0]
 CONCURRENT = [DOCS[1 + i % 3] + QUESTIONS[i] for i in range(8)]
 CORRUPTED = DOCS[4] + QUESTIONS[1]
 AFTER_KILL = DOCS[5] + QUESTIONS[2]
+FOREIGN = tokens(DOC_LEN, 6) + QUESTIONS[3]  # its first block's records are float32: a foreign dtype
 
 
 def _outputs(result: dict) -> list[list[int]]:
@@ -102,6 +103,7 @@ def smollm2_run():
         run["base_concurrent"] = base.generate(CONCURRENT)
         run["base_corrupted"] = base.generate([CORRUPTED])
         run["base_after_kill"] = base.generate([AFTER_KILL])
+        run["base_foreign"] = base.generate([FOREIGN])
     cluster = EmbeddedCluster(2, replication=2)
     cluster.start()
     # over gRPC only: this process opens the nodes' LMDB files itself below (one env per process)
@@ -135,6 +137,10 @@ def smollm2_run():
         first = block_keys(namespace(fingerprint), SINGLE, BLOCK)[0]
         run["vllm_records"] = dict(zip(run["transformers_kv"], client.get_many(
             [record_key(first, layer) for layer in run["transformers_kv"]])))
+        # well-formed records with intact digests under FOREIGN's first key, but of another dtype
+        foreign = block_keys(namespace(fingerprint), FOREIGN, BLOCK)[0]
+        kv = torch.zeros(3, BLOCK, 64)
+        client.put_many([(record_key(foreign, layer), encode(kv, kv, layer)) for layer in range(30)])
         # one layer-5 record of CORRUPTED's stored blocks, damaged on both replicas
         victim = sorted(k for k in after - before if k.endswith((5).to_bytes(2, "little")))[0]
         for d in dirs:
@@ -144,6 +150,7 @@ def smollm2_run():
             run["read_concurrent"] = reader.generate(CONCURRENT)
             run["read_salted"] = reader.generate([SINGLE], cache_salt="another-tenant")
             run["read_corrupted"] = reader.generate([CORRUPTED])
+            run["read_foreign"] = reader.generate([FOREIGN])
             cluster.nodes[0].proc.kill()  # SIGKILL, between two requests
             cluster.nodes[0].proc.wait()
             run["read_after_kill"] = reader.generate([AFTER_KILL])
@@ -192,6 +199,14 @@ def test_flipped_byte_is_recomputed(smollm2_run):
     # num_cached_tokens is fixed at scheduling; the counters say what was loaded in the end
     assert result["metrics"]["hit_tokens"] - before["hit_tokens"] < (DOC_LEN // BLOCK) * BLOCK
     assert _outputs(result) == _outputs(smollm2_run["base_corrupted"])
+
+
+def test_record_of_another_dtype_is_recomputed(smollm2_run):
+    result, before = smollm2_run["read_foreign"], smollm2_run["read_corrupted"]["metrics"]
+    mismatched = result["metrics"].get("miss_tokens:dtype_mismatch", 0) - before.get("miss_tokens:dtype_mismatch", 0)
+    assert mismatched == BLOCK
+    assert result["metrics"]["hit_tokens"] == before["hit_tokens"]
+    assert _outputs(result) == _outputs(smollm2_run["base_foreign"])
 
 
 def test_node_killed_between_requests(smollm2_run):

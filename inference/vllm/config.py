@@ -16,7 +16,8 @@ from typing import Any
 
 from kvproto.keys import DEFAULT_BLOCK_SIZE, namespace
 
-from ..fingerprint import KV_CONFIG_FIELDS, FINGERPRINT_VERSION, _jsonable, canonical_json, files_digest, tokenizer_digest
+from ..fingerprint import (FINGERPRINT_VERSION, KV_CONFIG_FIELDS, _jsonable, canonical_json, files_digest,
+                           tokenizer_digest)
 
 PREFIX = "kv_connector_extra_config"
 NODES_ENV = "KVCACHE_NODES"

@@ -10,7 +10,8 @@ The scheduler side (``plan.SchedulerSide``) looks a request's blocks up in one b
 plans loads and saves; the worker side (``worker.WorkerSide``) moves records in and out of the
 paged KV tensors, in the layout read from the attention backend (``layout.PagedLayout``). Loads
 belong to the step that needs them (vLLM sees them as synchronous) and run layer by layer beside
-its forward: each attention layer waits for its own records only. Saves are write-behind. Failures become recomputed blocks, never wrong KV.
+its forward: each attention layer waits for its own records only. Saves are write-behind.
+Failures become recomputed blocks, never wrong KV.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import lmdb
 
 from kvproto import record
-from kvproto.errors import Corrupt, KVCacheError
+from kvproto.errors import Corrupt
 from kvproto.host import host_id
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,9 @@ class ColocatedReader:
 
     @classmethod
     def attach(cls, conn, timeout: float, verify: bool = True) -> "ColocatedReader | None":
-        """A reader for the node behind `conn`, or None (with the reason logged) if unsafe."""
-        try:
-            info = conn.local_info(timeout)
-        except KVCacheError as exc:
-            log.info("co-located path off for %s: %s", conn.address, exc)
-            return None
+        """A reader for the node behind `conn`, or None (with the reason logged) if unsafe.
+        Raises KVCacheError when the node did not answer (a passing fault: ask again later)."""
+        info = conn.local_info(timeout)
         reason = None
         if info.host_id != host_id():
             reason = "different host"

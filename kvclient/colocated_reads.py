@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+from kvproto.errors import KVCacheError
 from kvproto.store import Sink
 
 from .colocated import ColocatedReader
 from .node import NodeConnection
+
+RETRY_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ class ColocatedReaders:
         self.verify = verify
         self._lock = threading.Lock()
         self._readers: dict[str, ColocatedReader | None] = {}
+        self._retry_at: dict[str, float] = {}  # node -> when to ask a node that did not answer again
 
     def reader(self, node: str) -> ColocatedReader | None:
         """The node's co-located reader, attached on first use; None where it is unsafe."""
@@ -33,7 +38,14 @@ class ColocatedReaders:
             known = node in self._readers
             reader = self._readers.get(node)
         if not known:
-            reader = ColocatedReader.attach(self._conn(node), self.timeout, self.verify)
+            if time.monotonic() < self._retry_at.get(node, 0.0):
+                return None
+            try:
+                reader = ColocatedReader.attach(self._conn(node), self.timeout, self.verify)
+            except KVCacheError as exc:  # a slow or restarting node is asked again, a little later
+                log.info("co-located path not yet known for %s: %s", node, exc)
+                self._retry_at[node] = time.monotonic() + RETRY_SECONDS
+                return None
             with self._lock:
                 if node in self._readers:  # another thread attached it first
                     if reader is not None:

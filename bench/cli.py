@@ -3,7 +3,8 @@
 Scenarios: economics (the cost model, beside measured figures with --from DIR), transport (gRPC
 vs raw socket), topology (namespaces + tc links), reuse (prefill vs cached reuse), load (KV load
 paths, bench/load.py), stripe (striped fetch across replicas over shaped links), peers (this store
-vs redis, Mooncake Store, safetensors files and a raw socket, same blocks), all (transport,
+vs redis, Mooncake Store, safetensors files and a raw socket, same blocks), vllm (TTFT in vLLM with
+no connector, this store's connector, vLLM's ExampleConnector and Mooncake's; not in `all`), all (transport,
 topology, stripe, peers, reuse, load, then economics over their results).
 """
 
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--peers", default=None, help="comma-separated subset (default all; see bench/peer_clients.py)")
     pe.add_argument("--machine-note", default="", help="what the notes say about the machine (e.g. shared, cores)")
 
+    v = sub.add_parser("vllm", help="TTFT in vLLM: no connector, this store's, ExampleConnector, Mooncake Store's")
+    _add_common(v)
+    v.add_argument("--lengths", default=None, help="document tokens, comma-separated (default 1024,4096,7936; quick 1024)")
+    v.add_argument("--repeats", type=int, default=None, help="reader runs per question, median (default 5; quick 1)")
+    v.add_argument("--configs", default=None, help="comma-separated subset (default all; see bench/vllm_bench.py)")
+    v.add_argument("--compile", action="store_true", help="let vLLM torch.compile (default enforce_eager: "
+                   "compiling adds ~60-80 s to each of the 10 engine starts on CPU)")
+    v.add_argument("--machine-note", default="", help="what the notes say about the machine (e.g. shared, cores)")
+
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
     a.add_argument("--model", default=None, help="reuse model (default smollm2, else tiny-qwen3)")
@@ -184,6 +194,23 @@ def _run_peers(args) -> None:
     write_report(peers.run(p, progress=not args.no_progress), args.out)
 
 
+def _run_vllm(args) -> None:
+    from . import vllm_bench
+
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    p = vllm_bench.VllmParams(
+        lengths=tuple(int(x) for x in split(args.lengths or ("1024" if args.quick else "1024,4096,7936"))),
+        repeats=args.repeats or (1 if args.quick else 5),
+        configs=split(args.configs) if args.configs else vllm_bench.CONFIGS,
+        enforce_eager=not args.compile, machine_note=args.machine_note)
+    unknown = set(p.configs) - set(vllm_bench.CONFIGS)
+    if unknown:
+        raise SystemExit(f"kvbench vllm: unknown configurations {sorted(unknown)}")
+    if max(p.lengths) + 64 > p.max_model_len:
+        raise SystemExit(f"kvbench vllm: documents + question must fit max_model_len {p.max_model_len}")
+    write_report(vllm_bench.run(p, progress=not args.no_progress), args.out)
+
+
 def _run_all(args) -> None:
     base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
     for argv in (["transport"], ["topology"], ["stripe"], ["peers"], ["reuse"], ["load"], ["economics", "--from", args.out]):
@@ -209,7 +236,8 @@ def _with_model_fallback(scenario: str, model: str | None, base: list[str]) -> N
 
 
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
-           "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "peers": _run_peers, "all": _run_all}
+           "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "peers": _run_peers, "vllm": _run_vllm,
+           "all": _run_all}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

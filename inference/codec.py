@@ -127,16 +127,23 @@ def decode_into(
 
     Zero-copy until the destination: the payload is viewed with torch.frombuffer and copied once.
     """
+    header, raw = fitting_payload(record, dest.dtype, tuple(dest.shape), layer, header)
+    dest.copy_(torch.frombuffer(raw, dtype=header.dtype).view(header.shape))
+    return header
+
+
+def fitting_payload(record: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...], layer: int | None = None,
+                    header: RecordHeader | None = None) -> tuple[RecordHeader, memoryview]:
+    """The raw K‖V bytes of a record that must hold `shape` of `dtype` (for `layer`, if given),
+    or RecordError with the reason it does not fit."""
     header = header or parse_header(record)
     if layer is not None and header.layer != layer:
         raise RecordError("layer_mismatch", f"record of layer {header.layer} stored as layer {layer}")
-    if header.dtype != dest.dtype:
-        raise RecordError("dtype_mismatch", f"record dtype {header.dtype}, model needs {dest.dtype}")
-    if header.shape != tuple(dest.shape):
-        raise RecordError("shape_mismatch", f"record shape {header.shape}, model needs {tuple(dest.shape)}")
-    raw = raw_payload(record, header)
-    dest.copy_(torch.frombuffer(raw, dtype=header.dtype).view(header.shape))
-    return header
+    if header.dtype != dtype:
+        raise RecordError("dtype_mismatch", f"record dtype {header.dtype}, model needs {dtype}")
+    if header.shape != shape:
+        raise RecordError("shape_mismatch", f"record shape {header.shape}, model needs {shape}")
+    return header, raw_payload(record, header)
 
 
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_CODES}

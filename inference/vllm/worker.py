@@ -30,7 +30,7 @@ import torch
 from kvproto.errors import KVCacheError
 from kvproto.keys import record_key
 
-from ..codec import RecordError, decode_into, encode
+from ..codec import RecordError, encode, fitting_payload
 from .layout import PagedLayout
 from .plan import RequestTransfer, StoreConnectorMetadata
 
@@ -147,8 +147,8 @@ class WorkerSide:
         if not wanted:
             return
         keys = [record_key(job.work[t].loads[b].key, layer) for t, b in wanted]
-        staging = job.staging(self.kv_heads, self.block, self.head_dim, self.dtype)
-
+        shape = (2, self.kv_heads, self.block, self.head_dim)
+        per_record = self.block // self.vllm_block
         delivered: set[int] = set()
 
         def sink(batch) -> None:
@@ -158,13 +158,13 @@ class WorkerSide:
                 if b in job.failed[t]:
                     continue
                 try:
-                    decode_into(view, staging, layer=layer)
+                    _, raw = fitting_payload(view, self.dtype, shape, layer)
                 except RecordError as exc:
                     job.failed[t][b] = exc.reason
                     continue
                 bt = job.work[t].loads[b]
-                ids = torch.tensor(bt.block_ids[bt.skip:], dtype=torch.int64, device=cache.device)
-                layout.scatter(cache, ids, staging[:, :, bt.skip * self.vllm_block:].to(cache.device))
+                layout.scatter_record(cache, bt.block_ids[bt.skip:], torch.frombuffer(raw, dtype=self.dtype),
+                                      per_record, bt.skip)
                 job.nbytes += len(view)
 
         try:
@@ -260,9 +260,3 @@ class _LoadJob:
         self.thread: threading.Thread | None = None
         self.nbytes = 0
         self.seconds = 0.0
-        self._staging: torch.Tensor | None = None
-
-    def staging(self, heads: int, block: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-        if self._staging is None:
-            self._staging = torch.empty((2, heads, block, head_dim), dtype=dtype)
-        return self._staging

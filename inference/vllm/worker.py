@@ -200,11 +200,14 @@ class WorkerSide:
 
     def wait_for_save(self) -> None:
         self.finish_loads()
-        ready = [(key, layers) for (_, key), layers in self.pending.items() if all(t is not None for t in layers)]
+        # a block is saved in the step that completes it, every layer of it, or not at all
+        pending, self.pending = self.pending, {}
+        ready = [(key, layers) for (_, key), layers in pending.items() if all(t is not None for t in layers)]
+        if len(ready) < len(pending):
+            with self.lock:
+                self.stats["save_errors"] += len(pending) - len(ready)
         if not ready:
             return
-        for key, _ in ready:
-            self.pending = {k: v for k, v in self.pending.items() if k[1] != key}
         host = [(key, [t.to("cpu", non_blocking=True) for t in layers]) for key, layers in ready]
         if self.caches and self.caches[0].device.type == "cuda":
             torch.cuda.current_stream().synchronize()

@@ -1,9 +1,10 @@
 """The worker side of the connector: store records ⇄ vLLM's paged KV tensors.
 
 Loads: ``start_load_kv`` (before the forward that needs them) starts one thread that reads the
-step's blocks layer by layer, one ``read_into`` per layer for every request (views of a
-co-located node's LMDB map, or records off gRPC, checked by their digest either way), decodes
-each record into a staging block and scatters it into its vLLM blocks; ``wait_for_layer_load``
+step's blocks layer by layer, one ``read_into`` per few layers for every request (views of a
+co-located node's LMDB map, or records off gRPC, checked by their digest either way), checks
+each record's header and copies it straight into its vLLM blocks (strided copies in the layout
+read off the backend); ``wait_for_layer_load``
 holds layer L's attention until layer L's records are in. A record that is missing, corrupt or of
 the wrong dtype, shape or layer, or a store that does not answer, fails its store block: that
 block's and every later block's vLLM blocks are reported by ``get_block_ids_with_load_errors``
@@ -35,6 +36,9 @@ from .layout import PagedLayout
 from .plan import RequestTransfer, StoreConnectorMetadata
 
 log = logging.getLogger(__name__)
+# layers are read in groups of at least this many records: per-read costs stay small at short
+# prefixes, and long ones still arrive a layer or two at a time beside the forward
+MIN_RECORDS_PER_READ = 48
 
 
 def _layer_index(name: str) -> int:
@@ -125,35 +129,41 @@ class WorkerSide:
 
     def _run(self, job: "_LoadJob") -> None:
         started = time.perf_counter()
+        n_layers = len(self.caches)
+        records = sum(len(t.loads) for t in job.work)  # per layer
+        group = max(1, min(n_layers, -(-MIN_RECORDS_PER_READ // records)))  # layers per read_into
         try:
-            for layer in range(len(self.caches)):
+            for first in range(0, n_layers, group):
+                layers = range(first, min(first + group, n_layers))
                 try:
-                    self._load_layer(job, layer)
+                    self._load_layers(job, layers)
                 except Exception:  # a bug: the blocks are recomputed, never used
                     log.exception("kvstore load failed")
                     for failed, transfer in zip(job.failed, job.work):
                         failed.update({b: "store_error" for b in range(len(transfer.loads)) if b not in failed})
                 finally:
-                    job.done[layer].set()
+                    for layer in layers:
+                        job.done[layer].set()
         finally:
             for event in job.done:
                 event.set()
             job.seconds = time.perf_counter() - started
 
-    def _load_layer(self, job: "_LoadJob", layer: int) -> None:
-        layout, cache = self.layout, self.caches[layer]
-        wanted = [(t, b) for t, transfer in enumerate(job.work) for b in range(len(transfer.loads))
-                  if b not in job.failed[t]]
+    def _load_layers(self, job: "_LoadJob", layers: range) -> None:
+        """One read_into for these layers' records of every block still usable."""
+        layout = self.layout
+        wanted = [(t, b, layer) for layer in layers for t, transfer in enumerate(job.work)
+                  for b in range(len(transfer.loads)) if b not in job.failed[t]]
         if not wanted:
             return
-        keys = [record_key(job.work[t].loads[b].key, layer) for t, b in wanted]
+        keys = [record_key(job.work[t].loads[b].key, layer) for t, b, layer in wanted]
         shape = (2, self.kv_heads, self.block, self.head_dim)
         per_record = self.block // self.vllm_block
         delivered: set[int] = set()
 
         def sink(batch) -> None:
             for i, view, _ in batch:
-                t, b = wanted[i]
+                t, b, layer = wanted[i]
                 delivered.add(i)
                 if b in job.failed[t]:
                     continue
@@ -163,14 +173,14 @@ class WorkerSide:
                     job.failed[t][b] = exc.reason
                     continue
                 bt = job.work[t].loads[b]
-                layout.scatter_record(cache, bt.block_ids[bt.skip:], torch.frombuffer(raw, dtype=self.dtype),
-                                      per_record, bt.skip)
+                layout.scatter_record(self.caches[layer], bt.block_ids[bt.skip:],
+                                      torch.frombuffer(raw, dtype=self.dtype), per_record, bt.skip)
                 job.nbytes += len(view)
 
         try:
             self.client.read_into(keys, sink, verify=self.config.verify)
         except KVCacheError as exc:  # e.g. no replica gave an intact copy: say which below
-            log.warning("kvstore load of layer %d incomplete: %s", layer, exc)
+            log.warning("kvstore load of layers %d-%d incomplete: %s", layers[0], layers[-1], exc)
         lacking = [i for i in range(len(keys)) if i not in delivered]
         if lacking:  # present but failing its digest everywhere (corrupt), or gone, or unreachable
             try:
@@ -179,7 +189,7 @@ class WorkerSide:
             except KVCacheError:
                 reasons = ["store_error"] * len(lacking)
             for i, reason in zip(lacking, reasons):
-                t, b = wanted[i]
+                t, b, _ = wanted[i]
                 job.failed[t].setdefault(b, reason)
 
     def load_errors(self) -> set[int]:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from bench import cli, vllm_bench
+from bench import cli, vllm_bench, vllm_report
 from bench.report import Report, write_report
 
 
@@ -39,21 +39,21 @@ def test_report_on_synthetic_results(tmp_path):
                {"config": "kvstore-grpc", "status": "failed", "reason": "ImportError: no connector"},
                _config("example", {1024: 2.0, 4096: 0.5}, tokens=(5, 6, 8)),
                _config("mooncake", {1024: 0.2, 4096: 2.0})]
-    rows = vllm_bench.summarize(results)
+    rows = vllm_report.summarize(results)
     by = {(r["config"], r["length"]): r for r in rows}
     assert by[("none", 4096)]["reader_ttft_s"] == 20.0  # the median of two runs (10 s and 30 s)
     assert by[("kvstore-colocated", 1024)]["tokens_equal_prefix_cache"] is True
     assert by[("kvstore-colocated", 1024)]["tokens_equal_full_prefill"] is True
     assert by[("example", 1024)]["tokens_equal_prefix_cache"] is False  # another 16-token continuation
     assert by[("kvstore-grpc", None)]["status"] == "failed"
-    rat = vllm_bench.ratios(rows, p)
+    rat = vllm_report.ratios(rows, p)
     assert rat["reader_ttft_over_none"]["4096"]["kvstore-colocated"] == pytest.approx(0.1)
     targets = {t["name"]: t for t in rat["targets"]}
     assert targets["kvstore-colocated / none, reader TTFT at 4096 tokens"]["met"] is True
     assert targets["kvstore-colocated / example, reader TTFT at 4096 tokens"]["met"] is False  # 1.0 vs 0.5
     assert targets["kvstore-grpc / none, reader TTFT at 4096 tokens"]["met"] is None  # not measured
-    report = Report("vllm", {}, {"rows": rows, "ratios": rat}, vllm_bench.table(rows),
-                    vllm_bench.notes(rows, results, p, rat), vllm_bench.plot(rows, p))
+    report = Report("vllm", {}, {"rows": rows, "ratios": rat}, vllm_report.table(rows),
+                    vllm_report.notes(rows, results, p, rat), vllm_report.plot(rows, p))
     paths = write_report(report, tmp_path)
     md = paths["md"].read_text()
     assert "kvstore-grpc | - |" in md and "failed: ImportError: no connector" in md and "NOT met" in md

@@ -38,18 +38,22 @@ def fingerprint(model: torch.nn.Module, tokenizer: Any = None) -> str:
 
 
 def model_identity(model: torch.nn.Module, tokenizer: Any = None) -> dict[str, Any]:
-    config = model.config.get_text_config(decoder=True)
-    fields = {name: _jsonable(getattr(config, name, None)) for name in KV_CONFIG_FIELDS}
-    fields["head_dim"] = fields["head_dim"] or config.hidden_size // config.num_attention_heads
-    fields["num_key_value_heads"] = fields["num_key_value_heads"] or config.num_attention_heads
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
         "architecture": type(model).__name__,
-        "config": fields,
+        "config": config_fields(model.config.get_text_config(decoder=True)),
         "cache_dtype": str(model.dtype).removeprefix("torch."),
         "tokenizer": tokenizer_digest(tokenizer),
         "weights": weights_digest(model),
     }
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """The identity's `config` object: the KV-shaping fields of a (text) config, null when absent."""
+    fields = {name: _jsonable(getattr(config, name, None)) for name in KV_CONFIG_FIELDS}
+    fields["head_dim"] = fields["head_dim"] or config.hidden_size // config.num_attention_heads
+    fields["num_key_value_heads"] = fields["num_key_value_heads"] or config.num_attention_heads
+    return fields
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -16,8 +16,7 @@ from typing import Any
 
 from kvproto.keys import DEFAULT_BLOCK_SIZE, namespace
 
-from ..fingerprint import (FINGERPRINT_VERSION, KV_CONFIG_FIELDS, _jsonable, canonical_json, files_digest,
-                           tokenizer_digest)
+from ..fingerprint import FINGERPRINT_VERSION, canonical_json, config_fields, files_digest, tokenizer_digest
 
 PREFIX = "kv_connector_extra_config"
 NODES_ENV = "KVCACHE_NODES"
@@ -120,10 +119,6 @@ def vllm_identity(vllm_config: Any) -> dict[str, Any]:
     The fields of the transformers identity, plus ``engine``: KV written by vLLM is keyed apart from
     KV written by transformers for the same weights (different kernels, not bitwise equal)."""
     model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
-    text = model_config.hf_text_config
-    fields = {name: _jsonable(getattr(text, name, None)) for name in KV_CONFIG_FIELDS}
-    fields["head_dim"] = fields["head_dim"] or text.hidden_size // text.num_attention_heads
-    fields["num_key_value_heads"] = fields["num_key_value_heads"] or text.num_attention_heads
     model_dtype = str(model_config.dtype).removeprefix("torch.")
     cache_dtype = model_dtype if cache_config.cache_dtype == "auto" else str(cache_config.cache_dtype)
     architectures = getattr(model_config.hf_config, "architectures", None) or [type(model_config.hf_config).__name__]
@@ -133,7 +128,7 @@ def vllm_identity(vllm_config: Any) -> dict[str, Any]:
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
         "architecture": architectures[0],
-        "config": fields,
+        "config": config_fields(model_config.hf_text_config),
         "cache_dtype": cache_dtype,
         "tokenizer": _tokenizer_digest(model_config),
         "weights": "files:" + files_digest(_weight_files(model_config.model)),

@@ -34,7 +34,6 @@ class PagedLayout:
     head_dim: int
 
     def __post_init__(self) -> None:
-        self._fill: dict[int, torch.Tensor] = {}
         self.strides = self._affine()
 
     def _affine(self) -> list[tuple[int, tuple[int, int, int]]] | None:
@@ -58,34 +57,13 @@ class PagedLayout:
     def canonical_size(self) -> int:
         return 2 * self.kv_heads * self.block_size * self.head_dim
 
-    def fill_index(self, per_record: int, block_numel: int) -> torch.Tensor | None:
-        """[per_record, block elements]: for each element of each of the `per_record` vLLM blocks
-        a record of `per_record * block_size` tokens covers, its flat index in the record; None
-        where a block has room the record does not fill (then ``scatter`` keeps that room)."""
-        if per_record not in self._fill:
-            size = self.canonical_size
-            if block_numel != size:
-                return None
-            inverse = torch.empty(size, dtype=torch.int64, device=self.source.device)
-            inverse[self.source] = torch.arange(size, device=self.source.device)
-            inverse = inverse.cpu()
-            kv, rest = inverse // (self.kv_heads * self.block_size * self.head_dim), inverse % (
-                self.kv_heads * self.block_size * self.head_dim)
-            head, rest = rest // (self.block_size * self.head_dim), rest % (self.block_size * self.head_dim)
-            token, dim = rest // self.head_dim, rest % self.head_dim
-            tokens = per_record * self.block_size
-            j = torch.arange(per_record).unsqueeze(1)
-            self._fill[per_record] = (((kv * self.kv_heads + head) * tokens + j * self.block_size + token)
-                                      * self.head_dim + dim)
-        return self._fill[per_record]
-
     def scatter_record(self, kv_cache: torch.Tensor, block_ids: list[int], record: torch.Tensor,
                        per_record: int, skip: int = 0) -> None:
         """Write a canonical record (flat, on the CPU) covering `per_record` vLLM blocks into the
-        blocks `block_ids` (its blocks `skip` and on): one gather, one copy into the cache."""
-        first = kv_cache.select(self.block_dim, 0)
-        if self.strides is not None and first.is_contiguous():
-            kv = record.view(2, self.kv_heads, per_record * self.block_size, self.head_dim)
+        blocks `block_ids` (its blocks `skip` and on): strided copies where the backend keeps K and V
+        as strided arrays, else ``scatter``."""
+        kv = record.view(2, self.kv_heads, per_record * self.block_size, self.head_dim)
+        if self.strides is not None and kv_cache.select(self.block_dim, 0).is_contiguous():
             size = (self.kv_heads, self.block_size, self.head_dim)
             for j, block in enumerate(block_ids, start=skip):
                 flat = kv_cache.select(self.block_dim, block).reshape(-1)
@@ -93,18 +71,8 @@ class PagedLayout:
                     dst = flat.as_strided(size, steps, flat.storage_offset() + offset)
                     dst.copy_(kv[half, :, j * self.block_size:(j + 1) * self.block_size], non_blocking=True)
             return
-        shape = first.shape
-        index = self.fill_index(per_record, shape.numel())
-        block_ids = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
-        if index is None:
-            kv = record.view(2, self.kv_heads, per_record * self.block_size, self.head_dim)
-            self.scatter(kv_cache, block_ids, kv[:, :, skip * self.block_size:].to(kv_cache.device))
-            return
-        n = block_ids.numel()
-        as_int = _BITS_OF[record.element_size()]
-        blocks = record.view(as_int).index_select(0, index[skip:].reshape(-1))
-        blocks = blocks.view(n, *shape).to(kv_cache.device, non_blocking=True)
-        kv_cache.view(as_int).index_copy_(self.block_dim, block_ids, blocks.movedim(0, self.block_dim))
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
+        self.scatter(kv_cache, ids, kv[:, :, skip * self.block_size:].to(kv_cache.device))
 
     @classmethod
     def probe(cls, layer: torch.nn.Module, kv_cache: torch.Tensor, num_blocks: int, block_size: int,

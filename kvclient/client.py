@@ -7,12 +7,19 @@
 
 Each request resolves its keys' owners once (``Membership.routes``) and every pass uses them.
 Implements ``kvproto.store.Store``.
+
+    with Client("127.0.0.1:7070,127.0.0.1:7071", timeout=2) as kv:
+        kv.put(b"key", b"value")      # -> Placement: the nodes that hold it now
+        kv.get(b"key")                # -> b"value", or None for a miss
+        kv.exists([b"key"])           # -> [True]
+        kv.delete([b"key"])           # -> records removed; raises below the write quorum
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from kvproto import record
 from kvproto.errors import KVCacheError
@@ -20,7 +27,7 @@ from kvproto.store import Sink
 
 from .colocated import ColocatedReader
 from .colocated_reads import ColocatedReaders
-from .healing import HintQueue
+from .healing import HintQueue, RebalanceReport, rebalance
 from .membership import Membership
 from .node import Credentials, NodeConnection
 from .recency import TouchBatcher
@@ -28,7 +35,28 @@ from .replicas import ReplicaSet
 from .ring import DEFAULT_VNODES, HashRing
 
 
+@dataclass
+class Placement:
+    """Where a put landed: the nodes that acknowledged it, and the owners it missed (why)."""
+
+    written: list[str]
+    missed: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.written)
+
+
 class Client:
+    """The cluster's client: ``get``/``put``/``delete``/``exists`` like redis-py, plus batched
+    ``get_many``/``put_many``/``read_into``/``lookup`` for KV blocks.
+
+    `nodes`: "HOST:PORT,HOST:PORT", a list of them, or a cluster file path (reloaded when it
+    changes). `timeout` bounds every call end to end (seconds); a read whose replica gives no
+    sign of life within `hedge_after` (default: a quarter of `timeout`, at most 1 s) is also
+    sent to the next replica. `stream_timeout` bounds background transfers (hints, repairs).
+    Misses are None; an outage raises ``Unavailable``; errors name the node and the cause.
+    """
+
     def __init__(
         self,
         nodes: Sequence[str] | str,
@@ -43,7 +71,10 @@ class Client:
         colocated: bool = True,
         verify_colocated: bool = True,
         stripe: bool = True,
+        hedge_after: float | None = None,
     ) -> None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.membership = Membership(nodes, replication, vnodes, write_quorum, stripe)
         if isinstance(tls_ca, str):
             with open(tls_ca, "rb") as f:
@@ -51,71 +82,96 @@ class Client:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.colocated = colocated
-        self.replica_set = ReplicaSet(self.membership, Credentials(token=token, tls_ca=tls_ca), timeout, stream_timeout)
+        self.replica_set = ReplicaSet(self.membership, Credentials(token=token, tls_ca=tls_ca), timeout, stream_timeout,
+                                      hedge_after)
         self.local = ColocatedReaders(self.replica_set.conn, timeout, verify_colocated)
         self.reads = {"colocated": 0, "remote": 0}  # records read through the map / the network
         self._reads_lock = threading.Lock()
         self._touches = TouchBatcher(self.replica_set.touch)
 
-    # ---- the parts' state, for operators and tests --------------------------------------
     @property
     def ring(self) -> HashRing:
+        """The consistent-hash ring in use (from the node list or the cluster file)."""
         return self.membership.ring
 
     @property
     def replication(self) -> int:
+        """Copies of each record (capped at the node count)."""
         return self.membership.replication
 
     @property
     def write_quorum(self) -> int:
+        """Acknowledgements a put or delete needs per key before it returns."""
         return self.membership.write_quorum
 
     @property
     def hints(self) -> HintQueue:
+        """Writes and deletes owed to nodes that were down (delivered in the background)."""
         return self.replica_set.hints
 
     @property
     def repairs(self) -> int:
+        """Records written back by read repair so far."""
         return self.replica_set.repairs
 
     def refresh(self, force: bool = False) -> bool:
+        """Reload the cluster file if it changed; True if the ring changed."""
         return self.membership.refresh(force)
 
     def conn(self, node: str) -> NodeConnection:
+        """The gRPC connection to one node (for operator calls)."""
         return self.replica_set.conn(node)
 
     def reader(self, node: str) -> ColocatedReader | None:
+        """The node's co-located LMDB reader, or None where reads go over the network."""
         return self.local.reader(node) if self.colocated else None
 
     def replicas(self, key: bytes, stripe: int = 0) -> list[str]:
+        """A key's owners in the order a read asks them (healthy ones first)."""
         return self.membership.replicas(key, stripe)
 
     def _route(self, keys: Sequence[bytes]):
-        """Owners of every key (once), and which of them this process can read directly."""
+        """Owners of every key (once), and which of them this process can read directly. A
+        node that still owes a key's delete (it was down) is not asked for that key."""
         self.membership.refresh()
         orders = self.membership.routes(keys)
+        hints = self.replica_set.hints
+        if hints.has_deletes():
+            orders = [[n for n in owners if not hints.owes_delete(n, keys[i])] for i, owners in enumerate(orders)]
         if not self.colocated:
             return orders, {}, {}, [False] * len(keys)
         readers, local, all_local = self.local.groups(self.membership.ring.nodes, orders)
         return orders, readers, local, all_local
 
-    # ---- writes -------------------------------------------------------------------------
-    def put(self, key: bytes, value: bytes | memoryview) -> None:
-        self.put_many([(key, value)])
+    def put(self, key: bytes, value: bytes | memoryview) -> Placement:
+        """Store `value` (bytes-like; TypeError otherwise) under `key` on its owners. Returns
+        where it landed; an owner that was down is owed it (delivered when it is back)."""
+        outcomes = self.put_many([(key, value)])
+        written = [n for n, o in outcomes.items() if not isinstance(o, KVCacheError)]
+        return Placement(written, {n: str(o) for n, o in outcomes.items() if isinstance(o, KVCacheError)})
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
+    def put_many(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> dict[str, object]:
         """Write each record to its replicas (each digest computed once). The records one node
-        receives commit atomically; raises when a record is below the write quorum."""
+        receives commit atomically; raises when a record is below the write quorum. Returns
+        each node's outcome (its reply, or the error a hint now covers)."""
         self.membership.refresh()
-        self.replica_set.put_many(list(items))
+        return self.replica_set.put_many(list(items))
 
-    def delete(self, keys: Sequence[bytes]) -> int:
-        """Delete from every owner, under the same quorum rule as put_many."""
+    def delete(self, keys: Sequence[bytes] | bytes) -> int:
+        """Delete keys (one bytes key or a list) from every owner; raises below the write
+        quorum, like put. An owner that was down gets the delete when it is back, and until
+        then is not read for those keys. Returns how many records the replicas removed."""
         self.membership.refresh()
-        return self.replica_set.delete(list(keys))
+        return self.replica_set.delete([keys] if isinstance(keys, bytes) else list(keys))[0]
 
-    # ---- reads --------------------------------------------------------------------------
+    def repair(self) -> RebalanceReport:
+        """Anti-entropy: scan every node, copy each key to the owners that lack it, apply
+        tombstones (stale copies of deleted keys go). Run after a node returns empty or behind."""
+        self.membership.refresh()
+        return rebalance(self, self.ring.nodes)
+
     def get(self, key: bytes) -> bytes | None:
+        """The value stored under `key`, or None for a miss."""
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -167,11 +223,11 @@ class Client:
                 self.reads["remote"] += len(rest)
         return found
 
-    def exists(self, keys: Sequence[bytes]) -> list[bool]:
-        """Which keys are stored. Co-located replicas answer from their map (no RPC on the hot
+    def exists(self, keys: Sequence[bytes] | bytes) -> list[bool]:
+        """Which keys are stored (one bytes key or a list). Co-located replicas answer from their map (no RPC on the hot
         path); their nodes still get a Lookup of the hits, batched in the background
         (kvclient.recency), which keeps LRU recency."""
-        keys = list(keys)
+        keys = [keys] if isinstance(keys, bytes) else list(keys)
         orders, readers, local, all_local = self._route(keys)
         present = [False] * len(keys)
         for node, idx in local.items():
@@ -191,6 +247,7 @@ class Client:
         return record.prefix_length(self.exists(keys))
 
     def stat(self) -> dict[str, dict]:
+        """Per-node statistics; a node that did not answer has {"error": why}."""
         out: dict[str, dict] = {}
         for node in self.ring.nodes:
             try:
@@ -200,13 +257,23 @@ class Client:
                 out[node] = {"error": str(exc)}
         return out
 
-    # ---- lifecycle ----------------------------------------------------------------------
+    def health(self) -> dict[str, str]:
+        """Per-node health: "SERVING", or the error that names why not."""
+        out: dict[str, str] = {}
+        for node in self.ring.nodes:
+            try:
+                out[node] = self.conn(node).health(self.timeout)
+            except KVCacheError as exc:
+                out[node] = f"error: {exc}"
+        return out
+
     def flush(self, timeout: float | None = None) -> None:
         """Finish background work started so far: read repairs, and recency touches."""
         self.replica_set.flush(timeout)
         self._touches.flush()
 
     def close(self) -> None:
+        """Stop background work (undelivered hints are dropped: ``repair`` heals later)."""
         self._touches.close()
         self.local.close()
         self.replica_set.close()

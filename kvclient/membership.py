@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from .cluster import ClusterSpec, parse_nodes
+from .cluster import MAX_REPLICATION, ClusterSpec, check_address, parse_nodes
 from .ring import DEFAULT_VNODES, HashRing, key_position
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,19 @@ class Membership:
             if cluster is not None:  # the file is the source of truth for the cluster's shape
                 self.cluster_file = os.path.abspath(spec_text)
                 replication, vnodes = cluster.replication, cluster.vnodes
-        if replication < 1:
-            raise ValueError("replication must be >= 1")
+        else:
+            nodes = [check_address(n) for n in nodes]
+        if isinstance(replication, bool) or not isinstance(replication, int) or not 1 <= replication <= MAX_REPLICATION:
+            raise ValueError(f"replication must be an integer from 1 to {MAX_REPLICATION}, got {replication!r}")
+        if isinstance(write_quorum, bool) or not isinstance(write_quorum, int) or write_quorum < 1:
+            raise ValueError(f"write_quorum must be a positive integer, got {write_quorum!r}")
         self._requested_quorum = write_quorum
         self.stripe = stripe
         self._lock = threading.Lock()
         self._down_until: dict[str, float] = {}
         self._set_ring(HashRing(nodes, vnodes), replication)
         self._file_mtime = os.stat(self.cluster_file).st_mtime_ns if self.cluster_file else 0
+        self._bad_mtime = 0  # a cluster file version already refused (logged once)
         self._checked_at = time.monotonic()
 
     def _set_ring(self, ring: HashRing, replication: int) -> None:
@@ -51,17 +56,21 @@ class Membership:
             self._owners: dict[int, tuple[str, ...]] = {}
 
     def refresh(self, force: bool = False) -> bool:
-        """Reload the cluster file if it changed (checked at most once a second)."""
+        """Reload the cluster file if it changed (checked at most once a second). A file that
+        does not pass its checks leaves the current ring in place, with one log line per version."""
         if not self.cluster_file or (not force and time.monotonic() - self._checked_at < CHECK_SECONDS):
             return False
         self._checked_at = time.monotonic()
+        mtime = 0
         try:
             mtime = os.stat(self.cluster_file).st_mtime_ns
-            if mtime == self._file_mtime and not force:
+            if (mtime == self._file_mtime or mtime == self._bad_mtime) and not force:
                 return False
             spec = ClusterSpec.load(self.cluster_file)
         except (OSError, ValueError) as exc:
-            log.warning("keeping the current ring: %s", exc)
+            if mtime != self._bad_mtime or force:
+                log.warning("keeping the current ring (%d nodes): %s", len(self.ring.nodes), exc)
+            self._bad_mtime = mtime
             return False
         self._file_mtime = mtime
         self._set_ring(HashRing(spec.nodes, spec.vnodes), spec.replication)

@@ -29,6 +29,32 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# (text in gRPC's error, what it means and what to do), first match wins
+CAUSES = (
+    ("Connection refused", "connection refused: nothing listens at {node} (is the node running, and is this its port?)"),
+    ("Hostname Verification", "TLS: the node's certificate does not name {host}: issue one whose subjectAltName "
+                              "has it (README, \"TLS\": openssl ... -addext subjectAltName=IP:{host})"),
+    ("CERTIFICATE_VERIFY_FAILED", "TLS: the node's certificate is not signed by the CA given (--tls-ca / tls_ca=)"),
+    ("WRONG_VERSION_NUMBER", "TLS was asked for but the node at {node} speaks plaintext (drop --tls-ca / tls_ca=)"),
+    ("Socket closed", "the node at {node} closed the connection at once: if it serves TLS, pass its CA "
+                      "(--tls-ca / tls_ca=)"),
+    ("Domain name not found", "cannot resolve the host of {node}"),
+    ("Deadline Exceeded", "no answer in time from {node} (is the node hung or overloaded?)"),
+)
+
+
+def explain(exc: KVCacheError, node: str) -> KVCacheError:
+    """Put the cause and what to do first in the message; the gRPC text stays after it."""
+    text = str(exc)
+    host = node.rsplit(":", 1)[0].strip("[]")
+    for needle, cause in CAUSES:
+        if needle in text:
+            explained = type(exc)(f"{node}: {cause.format(node=node, host=host)} [{text.split(': ', 1)[-1]}]")
+            explained.code = exc.code
+            return explained
+    return exc
+
+
 @dataclass(frozen=True)
 class Credentials:
     token: str | None = None
@@ -72,7 +98,7 @@ class NodeConnection:
         try:
             return fn(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
+            raise explain(from_rpc_error(err, self.address), self.address) from None
 
     def put(self, items: Sequence[tuple[bytes, bytes | memoryview]], timeout: float,
             digests: Sequence[bytes] | None = None) -> pb.PutResponse:
@@ -145,7 +171,15 @@ class NodeConnection:
                     yield head.index, (value if ok else None), not ok
                     head = None
         except grpc.RpcError as err:
-            raise from_rpc_error(err, self.address) from None
+            raise explain(from_rpc_error(err, self.address), self.address) from None
+
+    def health(self, timeout: float) -> str:
+        """The node's gRPC health status name (SERVING when it takes requests)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = self._call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def lookup(self, keys: Sequence[bytes], timeout: float) -> list[bool]:
         return list(self._call(self._lookup, pb.LookupRequest(keys=list(keys)), timeout).present)

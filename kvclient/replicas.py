@@ -1,19 +1,25 @@
-"""Replica fan-out over gRPC: writes with a quorum and hints, reads with fallback and read repair.
+"""Replica fan-out over gRPC: writes with a quorum and hints, reads with hedging and read repair.
 
 Miss semantics (one rule for every call): any authoritative answer wins. A replica that answers
 "present" or "found" settles a key; "missing" from a reachable replica is an answer too, so a
 key is a miss when every replica either answered missing or was unreachable and at least one
 answered. Only a key that no replica answered raises Unavailable. Writes and deletes succeed
 when `write_quorum` replicas acknowledged each key; errors keep their cause and status code.
+
+Deadlines: every call is bounded end to end by `timeout` (a write: plus its size at 50 MB/s).
+A read whose replica gave no sign of life within `hedge_after` seconds is also sent to the next
+replica; the first answer wins. Each node has its own few threads (``per_node``), so a hung
+node holds only its own: reads of keys it does not own never wait behind it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from kvproto import record
 from kvproto.errors import Corrupt, KVCacheError, Unavailable
@@ -23,8 +29,11 @@ from kvproto.store import Sink
 from .healing import HintQueue
 from .membership import Membership
 from .node import Credentials, NodeConnection
+from .tombstones import VALUE as TOMBSTONE, tombstone_key
 
 log = logging.getLogger(__name__)
+
+PER_NODE_CALLS = 8  # concurrent calls to one node from one client
 
 
 def by_rank(orders: Sequence[Sequence[str]], pending: Iterable[int], rank: int) -> dict[str, list[int]]:
@@ -37,19 +46,56 @@ def by_rank(orders: Sequence[Sequence[str]], pending: Iterable[int], rank: int) 
     return work
 
 
+class _Read:
+    """One read call's shared state: answers land under `lock` until `done` (late ones drop)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.done = False
+        self.answered: set[int] = set()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class _Attempt:
+    """One request to one node inside a read: when it last showed progress, whether hedged."""
+
+    __slots__ = ("node", "idx", "seen", "hedged")
+
+    def __init__(self, node: str, idx: list[int]) -> None:
+        self.node, self.idx = node, idx
+        self.seen = time.monotonic()
+        self.hedged = False
+
+
+def _check_bytes(items: Sequence[tuple[bytes, object]]) -> None:
+    for key, value in items:
+        if not isinstance(key, bytes):
+            raise TypeError(f"keys are bytes, got {type(key).__name__} ({key!r:.40})")
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"values are bytes, bytearray or memoryview, got {type(value).__name__} for key "
+                            f"{key!r:.40} (encode text first, e.g. value.encode())")
+
+
 class ReplicaSet:
-    def __init__(self, membership: Membership, creds: Credentials, timeout: float, stream_timeout: float) -> None:
+    def __init__(self, membership: Membership, creds: Credentials, timeout: float, stream_timeout: float,
+                 hedge_after: float | None = None, per_node: int = PER_NODE_CALLS) -> None:
         self.membership = membership
         self.timeout = timeout
-        self.stream_timeout = stream_timeout
+        self.stream_timeout = stream_timeout  # background transfers: hints, repairs, rebalance
+        self.hedge_after = hedge_after if hedge_after is not None else min(0.25 * timeout, 1.0)
+        self.per_node = per_node
         self._creds = creds
         self._conns: dict[str, NodeConnection] = {}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
         self.repairs = 0
+        self.hedged = 0  # reads sent to a further replica because the first was silent
         self._repairing: set = set()  # read-repair futures not done yet (flush waits for them)
-        self.hints = HintQueue(lambda node, items: self.conn(node).put(items, stream_timeout))
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(membership.ring.nodes)),
-                                        thread_name_prefix="kvclient")
+        self.hints = HintQueue(self._deliver_hint, deliver_delete=self._deliver_delete,
+                               on_deleted=self._drop_tombstones)
 
     def conn(self, node: str) -> NodeConnection:
         with self._lock:
@@ -57,59 +103,124 @@ class ReplicaSet:
                 self._conns[node] = NodeConnection(node, self._creds)
             return self._conns[node]
 
-    def fan_out(self, work: dict[str, list[int]], call: Callable, reads: bool = True) -> dict[str, object]:
-        """Run call(node, indices) per node in parallel; a failure is returned, not raised.
+    def _submit(self, node: str, fn: Callable, *args) -> Future:
+        """Run fn on the node's own threads (a hung node fills only its own)."""
+        with self._lock:
+            pool = self._pools.get(node)
+            if pool is None:
+                pool = self._pools[node] = ThreadPoolExecutor(self.per_node, thread_name_prefix=f"kv-{node}")
+        return pool.submit(fn, *args)
 
-        For reads, only failures another replica can cure (unreachable node, deadline, damaged
-        bytes) are returned; a request the cluster refuses (bad key, auth) is raised at once.
-        """
-        if len(work) == 1:  # one node: no thread hop (it costs as much as a short read)
-            [(node, idx)] = work.items()
-            futures = {node: lambda: call(node, idx)}
-        else:
-            futures = {node: self._pool.submit(call, node, idx).result for node, idx in work.items()}
+    @staticmethod
+    def _left(node: str, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Unavailable(f"{node}: DEADLINE_EXCEEDED: no time left after waiting for this node's "
+                              f"earlier calls (it may be hung)")
+        return left
+
+    def _write_fan_out(self, work: dict[str, list[int]], call: Callable[[str, list[int], float], object],
+                       deadline: float) -> dict[str, object]:
+        """call(node, indices, seconds left) on every node in parallel, bounded by `deadline`;
+        failures are returned, not raised (the quorum rule judges them)."""
+        futures = {node: self._submit(node, lambda n, i: call(n, i, self._left(n, deadline)), node, idx)
+                   for node, idx in work.items()}
+        wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()) + 0.05)
         results: dict[str, object] = {}
-        for node, result in futures.items():
-            try:
-                results[node] = result()
-            except KVCacheError as exc:
-                if isinstance(exc, Unavailable):
-                    self.membership.mark_down(node)
-                elif reads and not isinstance(exc, Corrupt):
-                    raise
-                log.debug("node %s failed: %s", node, exc)
-                results[node] = exc
+        for node, future in futures.items():
+            if not future.done():
+                outcome: object = Unavailable(f"{node}: DEADLINE_EXCEEDED: no answer within "
+                                              f"{self.timeout:g} s (is the node hung?)")
+            else:
+                outcome = future.exception() or future.result()
+                if isinstance(outcome, BaseException) and not isinstance(outcome, KVCacheError):
+                    raise outcome
+            if isinstance(outcome, Unavailable):
+                self.membership.mark_down(node)
+            results[node] = outcome
         return results
 
     # ---- writes -------------------------------------------------------------------------
-    def put_many(self, items: list[tuple[bytes, bytes | memoryview]]) -> None:
+    def put_many(self, items: list[tuple[bytes, bytes | memoryview]]) -> dict[str, object]:
+        """Write every record to its owners; raise below the write quorum. Returns each node's
+        outcome (a PutResponse, or the error that a hint now covers)."""
+        _check_bytes(items)
+        if self.hints.has_deletes():  # written again: no longer owed as deletes
+            cancelled = self.hints.cancel_deletes([k for k, _ in items])
+            if cancelled:
+                self._drop_tombstones(cancelled)
         digests = [record.digest(key, value) for key, value in items]  # once, for every replica
         work: dict[str, list[int]] = defaultdict(list)
         for i, (key, _) in enumerate(items):
             for node in self.membership.owners(key):
                 work[node].append(i)
         size = sum(len(v) for _, v in items)
-        timeout = self.timeout + size / 50e6  # allow 50 MB/s beyond the base deadline
+        deadline = time.monotonic() + self.timeout + size / 50e6  # 50 MB/s beyond the base deadline
 
-        def send(node: str, idx: list[int]) -> None:
-            self.conn(node).put([items[i] for i in idx], timeout, [digests[i] for i in idx])
+        def send(node: str, idx: list[int], left: float) -> object:
+            return self.conn(node).put([items[i] for i in idx], left, [digests[i] for i in idx])
 
-        outcomes = self.fan_out(work, send, reads=False)
+        outcomes = self._write_fan_out(work, send, deadline)
         for node, outcome in outcomes.items():
             if isinstance(outcome, Unavailable):  # owed to the node once it is back
                 self.hints.add(node, [items[i] for i in work[node]])
         self._check_quorum(len(items), work, outcomes, "written")
+        return outcomes
 
-    def delete(self, keys: list[bytes]) -> int:
+    def delete(self, keys: list[bytes]) -> tuple[int, dict[str, object]]:
         """Remove keys from every owner; raises when a key has fewer than `write_quorum` acks.
-        Returns how many records the replicas removed in all."""
+        A missed owner is owed the delete (a hint, and a tombstone on the owners that did
+        delete). Returns how many records the replicas removed in all, and each node's outcome."""
+        _check_bytes([(k, b"") for k in keys])
         work: dict[str, list[int]] = defaultdict(list)
         for i, key in enumerate(keys):
             for node in self.membership.owners(key):
                 work[node].append(i)
-        outcomes = self.fan_out(work, lambda n, idx: self.conn(n).delete([keys[i] for i in idx], self.timeout), False)
+        outcomes = self._write_fan_out(work, lambda n, idx, left: self.conn(n).delete([keys[i] for i in idx], left),
+                                       time.monotonic() + self.timeout)
+        missed = {n: idx for n, idx in work.items() if isinstance(outcomes[n], Unavailable)}
+        if missed:
+            self._owe_deletes(keys, work, outcomes, missed)
         self._check_quorum(len(keys), work, outcomes, "deleted")
-        return sum(o for o in outcomes.values() if isinstance(o, int))
+        return sum(o for o in outcomes.values() if isinstance(o, int)), outcomes
+
+    def _owe_deletes(self, keys: list[bytes], work: dict[str, list[int]], outcomes: dict[str, object],
+                     missed: dict[str, list[int]]) -> None:
+        short = sorted({i for idx in missed.values() for i in idx})
+        for node, idx in missed.items():
+            self.hints.add_delete(node, [keys[i] for i in idx])
+        tombs: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+        wanted = set(short)
+        for node, idx in work.items():
+            if isinstance(outcomes[node], int):
+                for i in idx:
+                    if i in wanted and (tomb := tombstone_key(keys[i])) is not None:
+                        tombs[node].append((tomb, TOMBSTONE))
+        for node, items in tombs.items():
+            try:
+                self.conn(node).put(items, self.timeout)
+            except KVCacheError as exc:  # the in-memory hint still covers this client's reads
+                log.warning("tombstones for %d deleted keys not written on %s: %s", len(items), node, exc)
+
+    def _drop_tombstones(self, keys: list[bytes]) -> None:
+        """Every owner deleted these keys (or they were written again): remove their tombstones."""
+        by_node: dict[str, list[bytes]] = defaultdict(list)
+        for key in keys:
+            tomb = tombstone_key(key)
+            if tomb is not None:
+                for node in self.membership.owners(key):
+                    by_node[node].append(tomb)
+        for node, tombs in by_node.items():
+            try:
+                self.conn(node).delete(tombs, self.timeout)
+            except KVCacheError as exc:
+                log.info("tombstones on %s kept for the repair pass: %s", node, exc)
+
+    def _deliver_hint(self, node: str, items: list[tuple[bytes, bytes]]) -> None:
+        self.conn(node).put(items, self.timeout + sum(len(v) for _, v in items) / 50e6)
+
+    def _deliver_delete(self, node: str, keys: list[bytes]) -> None:
+        self.conn(node).delete(keys, self.timeout)
 
     def _check_quorum(self, count: int, work: dict[str, list[int]], outcomes: dict[str, object], done: str) -> None:
         acks = [0] * count
@@ -121,29 +232,94 @@ class ReplicaSet:
         short = sum(1 for a in acks if a < self.membership.write_quorum)
         if short:
             first = errors[0] if errors else Unavailable("no replica acknowledged")
-            exc = type(first)(f"{short} of {count} records {done} below write quorum: {first}")
+            exc = type(first)(f"{short} of {count} records {done} below write quorum "
+                              f"({self.membership.write_quorum}): {first}")
             exc.code = first.code
             raise exc from first
 
     # ---- reads --------------------------------------------------------------------------
     def _in_rank_order(self, orders: Sequence[Sequence[str]], indices: Iterable[int],
-                       ask: Callable[[str, list[int], set[int]], None], settled: Callable[[int], bool]) -> None:
-        """ask(node, key indices, answered) of each key's replicas in order, until settled(i);
-        raise Unavailable for the keys no replica answered (the one miss rule of every read)."""
+                       ask: Callable[[str, list[int], _Read, _Attempt], None], settled: Callable[[int], bool]) -> None:
+        """ask(node, key indices, call, attempt) of each key's replicas in order until settled(i),
+        hedging silent replicas; raise Unavailable for the keys no replica answered (the one
+        miss rule of every read). Answers after the call ended are dropped by `ask`."""
         pending = list(indices)
-        answered: set[int] = set()
-        last_error: KVCacheError | None = None
-        rank = 0
-        while pending and rank < max((len(orders[i]) for i in pending), default=0):
-            work = by_rank(orders, pending, rank)
-            for outcome in self.fan_out(work, lambda node, idx: ask(node, idx, answered)).values():
-                if isinstance(outcome, KVCacheError):
-                    last_error = outcome
-            pending = [i for i in pending if not settled(i)]
-            rank += 1
-        unanswered = [i for i in pending if i not in answered]
+        if not pending:
+            return
+        call = _Read(time.monotonic() + self.timeout)
+        next_rank = dict.fromkeys(pending, 0)
+        outstanding: dict[int, int] = defaultdict(int)
+        inflight: dict[Future, _Attempt] = {}
+        errors: list[KVCacheError] = []
+
+        def launch(idx: Iterable[int]) -> None:
+            work: dict[str, list[int]] = defaultdict(list)
+            for i in idx:
+                rank = next_rank[i]
+                if rank < len(orders[i]):
+                    work[orders[i][rank]].append(i)
+                    next_rank[i] = rank + 1
+                    outstanding[i] += 1
+            for node, keys in work.items():
+                attempt = _Attempt(node, keys)
+                if not inflight and len(work) == 1 and all(next_rank[i] == len(orders[i]) for i in keys):
+                    future: Future = Future()  # nothing to hedge to: no thread hop
+                    try:
+                        future.set_result(ask(node, keys, call, attempt))
+                    except BaseException as exc:  # noqa: BLE001 - judged below like a pool call's
+                        future.set_exception(exc)
+                else:
+                    future = self._submit(node, ask, node, keys, call, attempt)
+                inflight[future] = attempt
+
+        try:
+            launch(pending)
+            while inflight:
+                now = time.monotonic()
+                if now >= call.deadline:
+                    break
+                quiet = [a.seen + self.hedge_after for a in inflight.values() if not a.hedged]
+                until = min([call.deadline, *quiet])
+                done, _ = wait(list(inflight), timeout=max(0.0, until - now), return_when=FIRST_COMPLETED)
+                advance: list[int] = []
+                for future in done:
+                    attempt = inflight.pop(future)
+                    exc = future.exception()
+                    if exc is not None:
+                        if not isinstance(exc, KVCacheError):
+                            raise exc
+                        if isinstance(exc, Unavailable):
+                            self.membership.mark_down(attempt.node)
+                        elif not isinstance(exc, Corrupt):
+                            raise exc  # a request the cluster refuses (bad key, auth): no replica cures it
+                        log.debug("node %s failed: %s", attempt.node, exc)
+                        errors.append(exc)
+                    for i in attempt.idx:
+                        outstanding[i] -= 1
+                        if outstanding[i] == 0 and not settled(i):
+                            advance.append(i)
+                now = time.monotonic()
+                for attempt in inflight.values():
+                    if not attempt.hedged and now - attempt.seen >= self.hedge_after:
+                        attempt.hedged = True
+                        silent = [i for i in attempt.idx if not settled(i) and next_rank[i] < len(orders[i])]
+                        if silent:
+                            self.membership.mark_down(attempt.node)
+                            self.hedged += len(silent)
+                            log.debug("%s silent for %.2f s: %d keys hedged", attempt.node, self.hedge_after, len(silent))
+                            advance.extend(silent)
+                launch(dict.fromkeys(advance))
+        finally:
+            with call.lock:
+                call.done = True
+        unanswered = [i for i in pending if not settled(i) and i not in call.answered]
         if unanswered:
-            raise Unavailable(f"{len(unanswered)} keys: no replica answered") from last_error
+            silent = sorted({a.node for a in inflight.values()})
+            last = errors[-1] if errors else None
+            why = f"; last error: {last}" if last else ""
+            if silent:
+                why += f"; no answer within {self.timeout:g} s from {', '.join(silent)}"
+            raise Unavailable(f"{len(unanswered)} keys: no replica answered{why}") from last
 
     def fetch(self, keys: Sequence[bytes], orders: Sequence[Sequence[str]], indices: Iterable[int],
               results: list[bytes | None], sink: Sink | None = None) -> None:
@@ -155,26 +331,30 @@ class ReplicaSet:
         record; results[i] then only marks what was found (b"")."""
         lacking: dict[int, list[str]] = defaultdict(list)  # replicas that answered missing/corrupt
         owed: dict[int, bytes] = {}  # what read repair writes back
-        delivering = threading.Lock()
 
-        def ask(node: str, idx: list[int], answered: set[int]) -> None:
-            entries = self.conn(node).get([keys[i] for i in idx], self.stream_timeout, reuse=sink is not None)
+        def ask(node: str, idx: list[int], call: _Read, attempt: _Attempt) -> None:
+            entries = self.conn(node).get([keys[i] for i in idx], self._left(node, call.deadline), reuse=sink is not None)
             for j, value, corrupt in entries:
+                attempt.seen = time.monotonic()
                 i = idx[j]
-                if value is None:
-                    if not corrupt:
-                        answered.add(i)  # "missing" is an answer; damaged bytes are not
-                    lacking[i].append(node)
-                    continue
-                answered.add(i)
-                if sink is None:
-                    results[i] = value
-                else:
-                    with delivering:
+                with call.lock:
+                    if call.done:
+                        return  # the call ended: nothing more lands in its results or sink
+                    if results[i] is not None:
+                        continue  # a hedged replica answered first
+                    if value is None:
+                        if not corrupt:
+                            call.answered.add(i)  # "missing" is an answer; damaged bytes are not
+                        lacking[i].append(node)
+                        continue
+                    call.answered.add(i)
+                    if sink is None:
+                        results[i] = value
+                    else:
                         sink([(i, memoryview(value), None)])
-                    results[i] = b""
-                if lacking.get(i):  # a replica before this one lacked it
-                    owed[i] = value if sink is None else bytes(value)
+                        results[i] = b""
+                    if lacking.get(i):  # a replica before this one lacked it
+                        owed[i] = value if sink is None else bytes(value)
 
         self._in_rank_order(orders, indices, ask, lambda i: results[i] is not None)
         self._read_repair(keys, owed, lacking)
@@ -183,10 +363,14 @@ class ReplicaSet:
                 present: list[bool]) -> None:
         """Set present[i] for `indices` by Lookup over their replicas (same miss rule as fetch)."""
 
-        def ask(node: str, idx: list[int], answered: set[int]) -> None:
-            for i, p in zip(idx, self.conn(node).lookup([keys[i] for i in idx], self.timeout)):
-                present[i] = present[i] or p
-                answered.add(i)
+        def ask(node: str, idx: list[int], call: _Read, attempt: _Attempt) -> None:
+            answer = self.conn(node).lookup([keys[i] for i in idx], self._left(node, call.deadline))
+            with call.lock:
+                if call.done:
+                    return
+                for i, p in zip(idx, answer):
+                    present[i] = present[i] or p
+                    call.answered.add(i)
 
         self._in_rank_order(orders, indices, ask, lambda i: present[i])
 
@@ -198,7 +382,7 @@ class ReplicaSet:
                 owed[node].append((keys[i], value))
         for node, items in owed.items():
             self.repairs += len(items)
-            future = self._pool.submit(self._repair_one, node, items)
+            future = self._submit(node, self._repair_one, node, items)
             with self._lock:
                 self._repairing.add(future)
             future.add_done_callback(self._repaired)
@@ -215,8 +399,18 @@ class ReplicaSet:
             future.result(timeout)
 
     def _repair_one(self, node: str, items: list[tuple[bytes, bytes]]) -> None:
+        """Write back what `node` lacked, except keys it holds a tombstone of (deleted there:
+        the copy that was read is the stale one, and writing it back would resurrect it)."""
         try:
-            self.conn(node).put(items, self.stream_timeout)
+            conn = self.conn(node)
+            tombs = [tombstone_key(k) for k, _ in items]
+            asked = [t for t in tombs if t is not None]
+            deleted = {t for t, p in zip(asked, conn.lookup(asked, self.timeout)) if p} if asked else set()
+            items = [item for item, t in zip(items, tombs) if t not in deleted]
+            if deleted:
+                log.info("read repair skipped %d deleted keys on %s", len(deleted), node)
+            if items:
+                conn.put(items, self.timeout + sum(len(v) for _, v in items) / 50e6)
         except KVCacheError as exc:
             log.info("read repair of %d records on %s deferred: %s", len(items), node, exc)
             self.hints.add(node, items)
@@ -229,7 +423,11 @@ class ReplicaSet:
             log.debug("recency touch on %s failed: %s", node, exc)
 
     def close(self) -> None:
+        """Finish the read repairs under way (each bounded by its deadline), then stop."""
         self.hints.close()
-        self._pool.shutdown(wait=True)
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.shutdown(wait=True)
         for conn in self._conns.values():
             conn.close()

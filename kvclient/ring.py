@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 DEFAULT_VNODES = 128
+MAX_VNODES = 4096  # 4096 points per node already spread keys within ~2%; more only costs memory
 
 
 def key_position(key: bytes) -> int:
@@ -31,8 +32,8 @@ class HashRing:
         self.nodes: tuple[str, ...] = tuple(dict.fromkeys(nodes))
         if not self.nodes:
             raise ValueError("a ring needs at least one node")
-        if vnodes <= 0:
-            raise ValueError("vnodes must be positive")
+        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or not 0 < vnodes <= MAX_VNODES:
+            raise ValueError(f"vnodes must be an integer from 1 to {MAX_VNODES}, got {vnodes!r}")
         self.vnodes = vnodes
         points = sorted((_vnode_position(n, i), n) for n in self.nodes for i in range(vnodes))
         self._positions = [p for p, _ in points]

@@ -2,6 +2,10 @@
 
     kvinfer --nodes A,B --model smollm2 --prompt-file doc.txt --max-new-tokens 24 --verify --json
     kvinfer --embedded 2 --model tiny-qwen3 --prompt-file doc.txt --max-new-tokens 24 --verify
+    KVCACHE_NODES=cluster.json kvinfer --model smollm2 --prompt-file doc.txt --token T --tls-ca ca.pem
+
+Exit status: 0 done, 1 error (including a store that does not answer, unless
+--allow-store-down), 2 --verify found the reuse not token-exact.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -20,13 +25,15 @@ from .generator import CachedGenerator
 from .models import MODEL_NAMES, decode_tokens, encode_prompt, load_model
 from .verify import verify
 
+log = logging.getLogger("kvinfer")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvinfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--nodes", help="comma-separated node addresses host:port")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--nodes", help="comma-separated HOST:PORT list or a cluster file (default: $KVCACHE_NODES)")
     where.add_argument("--embedded", type=int, metavar="N", help="start N nodes in this process (temp dirs)")
     where.add_argument("--local", metavar="DIR", help="an in-process LMDB store in DIR (no network)")
     p.add_argument("--model", required=True, help=f"{', '.join(MODEL_NAMES)} or a model directory")
@@ -40,10 +47,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--codec", choices=["none", "zstd-byteplane"], default="none")
     p.add_argument("--replication", type=int, default=2)
+    p.add_argument("--token", default=None, help="auth token for the nodes")
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify the nodes")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per store call (default 10)")
+    p.add_argument("--allow-store-down", action="store_true",
+                   help="generate without reuse when no node answers (default: exit 1)")
     p.add_argument("--tenant-salt", default="", help="isolates this tenant's keys")
     p.add_argument("--no-chat", action="store_true", help="encode the prompt as is, without the chat template")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    if args.nodes is None and args.embedded is None and args.local is None:
+        args.nodes = os.environ.get("KVCACHE_NODES")
+        if not args.nodes:
+            p.error("one of --nodes, --embedded, --local is required (or set KVCACHE_NODES)")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     return args
@@ -62,8 +78,25 @@ def open_store(args: argparse.Namespace):
     else:
         from kvclient import Client
 
-        with Client(args.nodes, replication=args.replication) as client:
+        with Client(args.nodes, replication=args.replication, timeout=args.timeout, token=args.token,
+                    tls_ca=args.tls_ca) as client:
+            check_store(client, args.allow_store_down)
             yield client
+
+
+class StoreDown(RuntimeError):
+    """No node of the cluster answered (and --allow-store-down was not given)."""
+
+
+def check_store(client, allowed: bool) -> None:
+    """Fail fast, naming the nodes and why, when no node serves; a warning with `allowed`."""
+    health = client.health()
+    if any(status == "SERVING" for status in health.values()):
+        return
+    why = "; ".join(f"{status.removeprefix('error: ')}" for status in health.values())
+    if not allowed:
+        raise StoreDown(f"no node answered ({why}); --allow-store-down generates without reuse")
+    log.warning("no node answered; generating without reuse: %s", why)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvinfer: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
     print(json.dumps(out, sort_keys=True) if args.json else render(out))
+    if out["miss_reasons"].get("store_error") and not args.allow_store_down:
+        print("kvinfer: error: the store failed during the request (see miss_reasons); "
+              "--allow-store-down accepts that", file=sys.stderr)
+        return 1
     return 0 if out.get("exact", True) else 2
 
 

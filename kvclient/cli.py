@@ -1,11 +1,16 @@
-"""`kvctl`: operator commands against a cluster. Errors are one readable line and exit 1."""
+"""`kvctl`: operator commands against a cluster. Errors are one readable line; any failure exits 1.
+
+    kvctl --nodes 127.0.0.1:7070,127.0.0.1:7071 put doc-1 ./file.bin
+    KVCACHE_NODES=cluster.json kvctl get doc-1 -o out.bin
+    kvctl health --nodes cluster.json          # options go before or after the command
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import os
+import sys
 from collections import Counter
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # before grpc loads: errors are our one line
@@ -14,6 +19,8 @@ from .client import Client
 from .cluster import parse_nodes
 from .healing import rebalance
 from kvproto.errors import KVCacheError
+
+NODES_ENV = "KVCACHE_NODES"
 
 
 def parse_key(text: str) -> bytes:
@@ -26,25 +33,46 @@ def parse_key(text: str) -> bytes:
     return text.encode()
 
 
+def _common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The cluster options, on the top parser and on every command (so they go either side).
+    On commands their default is SUPPRESS: a value given before the command is kept."""
+    keep = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--nodes", help=f"comma-separated HOST:PORT list, or a cluster file (default: ${NODES_ENV})",
+                        **({"default": None} if top else keep))
+    parser.add_argument("--replication", type=int, **({"default": 2} if top else keep))
+    parser.add_argument("--timeout", type=float, help="seconds per call (default 10)",
+                        **({"default": 10.0} if top else keep))
+    parser.add_argument("--token", help="auth token", **({"default": None} if top else keep))
+    parser.add_argument("--tls-ca", help="CA certificate (PEM) to verify nodes", **({"default": None} if top else keep))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvctl", description="Operate a KV-cache store cluster")
-    p.add_argument("--nodes", required=True, help="comma-separated HOST:PORT list, or a cluster file")
-    p.add_argument("--replication", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--token", default=None, help="auth token")
-    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify nodes")
+    p = argparse.ArgumentParser(prog="kvctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
-    put = sub.add_parser("put", help="store FILE under KEY")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help)
+        _common(parser, top=False)
+        return parser
+
+    put = command("put", "store FILE under KEY ('-' reads stdin)")
     put.add_argument("key")
     put.add_argument("file")
-    get = sub.add_parser("get", help="fetch KEY")
+    get = command("get", "fetch KEY (exit 1 if absent)")
     get.add_argument("key")
     get.add_argument("-o", "--output", default=None, help="write here instead of stdout")
-    sub.add_parser("stat", help="per-node statistics (JSON)")
-    reb = sub.add_parser("rebalance", help="after a membership change: copy keys to their new owners")
+    delete = command("delete", "delete KEYs from every owner (exit 1 if none was stored)")
+    delete.add_argument("keys", nargs="+", metavar="key")
+    exists = command("exists", "which KEYs are stored (JSON; exit 1 unless all are)")
+    exists.add_argument("keys", nargs="+", metavar="key")
+    command("health", "each node's health (JSON; exit 1 unless all serve)")
+    command("stat", "per-node statistics (JSON; exit 1 if a node did not answer)")
+    command("repair", "anti-entropy: bring every key back to full replication, apply deletes")
+    reb = command("rebalance", "after a membership change: copy keys to their new owners")
     reb.add_argument("--previous", required=True, help="the old cluster file or node list")
     reb.add_argument("--prune", action="store_true", help="also delete copies from nodes that no longer own them")
-    ring = sub.add_parser("ring", help="ring layout: share of the key space per node, or a key's owners")
+    ring = command("ring", "ring layout: share of the key space per node, or a key's owners")
     ring.add_argument("key", nargs="?")
     return p
 
@@ -66,14 +94,29 @@ def cmd_ring(client: Client, key: str | None) -> dict:
     }
 
 
+def warn(text: str) -> None:
+    print(f"kvctl: warning: {text}", file=sys.stderr)
+
+
+def _missed(outcomes: dict[str, object]) -> dict[str, str]:
+    return {n: str(o) for n, o in outcomes.items() if isinstance(o, KVCacheError)}
+
+
 def run(args: argparse.Namespace) -> int:
-    with Client(args.nodes, replication=args.replication, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca) as client:
-        if args.command == "put":
-            with open(args.file, "rb") as f:
-                data = f.read()
-            client.put(parse_key(args.key), data)
-            print(f"stored {len(data)} bytes on {', '.join(client.ring.owners(parse_key(args.key), client.replication))}")
-        elif args.command == "get":
+    with Client(args.nodes, replication=args.replication, timeout=args.timeout, token=args.token,
+                tls_ca=args.tls_ca) as client:
+        command = args.command
+        if command == "put":
+            if args.file == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.file, "rb") as f:
+                    data = f.read()
+            placed = client.put(parse_key(args.key), data)
+            print(f"stored {len(data)} bytes on {', '.join(placed.written)}")
+            for node, why in placed.missed.items():
+                warn(f"not written on {node} ({why}); run `kvctl repair` once it is back")
+        elif command == "get":
             value = client.get(parse_key(args.key))
             if value is None:
                 print(f"kvctl: not found: {args.key}", file=sys.stderr)
@@ -83,24 +126,58 @@ def run(args: argparse.Namespace) -> int:
                     f.write(value)
             else:
                 sys.stdout.buffer.write(value)
-        elif args.command == "stat":
-            print(json.dumps(client.stat(), indent=2))
-        elif args.command == "rebalance":
-            _, previous = parse_nodes(args.previous)
-            report = rebalance(client, previous, prune=args.prune).as_dict()
-            report["nodes"] = len(client.ring.nodes)
-            print(json.dumps(report, indent=2))
-        elif args.command == "ring":
+        elif command == "delete":
+            client.membership.refresh()
+            removed, outcomes = client.replica_set.delete([parse_key(k) for k in args.keys])
+            print(f"deleted {removed} records")
+            for node, why in _missed(outcomes).items():
+                warn(f"{node} missed the delete ({why}); a tombstone stays on the others: "
+                     f"run `kvctl repair` once it is back")
+            if not removed:
+                print(f"kvctl: not found: {' '.join(args.keys)}", file=sys.stderr)
+                return 1
+        elif command == "exists":
+            present = client.exists([parse_key(k) for k in args.keys])
+            print(json.dumps(dict(zip(args.keys, present)), indent=2))
+            return 0 if all(present) else 1
+        elif command == "health":
+            health = client.health()
+            print(json.dumps(health, indent=2))
+            return 0 if all(s == "SERVING" for s in health.values()) else 1
+        elif command == "stat":
+            stats = client.stat()
+            print(json.dumps(stats, indent=2))
+            bad = [n for n, s in stats.items() if "error" in s]
+            if bad:
+                print(f"kvctl: error: no answer from {', '.join(bad)}", file=sys.stderr)
+                return 1
+        elif command in ("rebalance", "repair"):
+            previous = parse_nodes(args.previous)[1] if command == "rebalance" else client.ring.nodes
+            report = rebalance(client, previous, prune=getattr(args, "prune", False))
+            out = report.as_dict()
+            out["nodes"] = len(client.ring.nodes)
+            print(json.dumps(out, indent=2))
+            if not report.ok:
+                why = [f"{report.failed} keys failed"] if report.failed else []
+                if report.unreachable:
+                    why.append(f"could not scan {', '.join(report.unreachable)}")
+                print(f"kvctl: error: {command} incomplete: {'; '.join(why)}", file=sys.stderr)
+                return 1
+        elif command == "ring":
             print(json.dumps(cmd_ring(client, args.key), indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.nodes = args.nodes or os.environ.get(NODES_ENV)
+    if not args.nodes:
+        parser.error(f"give --nodes HOST:PORT,... (or a cluster file), or set {NODES_ENV}")
     try:
         return run(args)
-    except (KVCacheError, OSError, ValueError) as exc:
-        print(f"kvctl: error: {exc}", file=sys.stderr)
+    except (KVCacheError, OSError, ValueError, TypeError) as exc:
+        print(f"kvctl: error: {exc}".splitlines()[0], file=sys.stderr)
         return 1
 
 

@@ -20,6 +20,7 @@ import lmdb
 from kvproto import record
 from kvproto.errors import Corrupt
 from kvproto.host import host_id
+from kvproto.integrity import file_check
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ColocatedReader:
         self.verify = verify
         self.identity = _file_identity(path)
         self.corrupt = 0
+        self.broken: str | None = None  # an LMDB error seen: this reader is done, reads go to gRPC
 
     @classmethod
     def attach(cls, conn, timeout: float, verify: bool = True) -> "ColocatedReader | None":
@@ -57,6 +59,8 @@ class ColocatedReader:
             reason = "node runs in this process"
         elif not os.access(os.path.join(info.data_path, "data.mdb"), os.R_OK):
             reason = f"cannot read {info.data_path}"
+        else:
+            reason = file_check(info.data_path)  # a truncated file would be SIGBUS once mapped
         if reason:
             log.info("co-located path off for %s: %s", conn.address, reason)
             return None
@@ -79,8 +83,15 @@ class ColocatedReader:
         return cls(conn.address, info.data_path, env, info.key_prefix, verify)
 
     def still_valid(self) -> bool:
-        """The node's files are still the ones we mapped (not deleted, not replaced)."""
-        return self.identity is not None and _file_identity(self.path) == self.identity
+        """The node's files are still the ones we mapped (not deleted, not replaced, not found
+        damaged by this reader)."""
+        return self.broken is None and self.identity is not None and _file_identity(self.path) == self.identity
+
+    def _failed(self, exc: lmdb.Error) -> None:
+        if self.broken is None:
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log.warning("co-located reads of %s stopped (%s): reading over gRPC or the next replica",
+                        self.path, self.broken)
 
     def _begin(self) -> lmdb.Transaction:
         try:
@@ -90,8 +101,15 @@ class ColocatedReader:
             return self.env.begin(db=self.db, buffers=True)
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
-        with self._begin() as txn:
-            return [txn.get(self.key_prefix + key) is not None for key in keys]
+        """Which keys the map holds (all False after an LMDB error: the caller asks the node)."""
+        if self.broken is not None:
+            return [False] * len(keys)
+        try:
+            with self._begin() as txn:
+                return [txn.get(self.key_prefix + key) is not None for key in keys]
+        except lmdb.Error as exc:
+            self._failed(exc)
+            return [False] * len(keys)
 
     @contextmanager
     def views(self, keys: Sequence[bytes], verify: bool = True) -> Iterator[list[tuple[memoryview | None, bytes | None]]]:
@@ -104,10 +122,24 @@ class ColocatedReader:
         them (once, not twice); a reader made with verify=False never hashes.
         """
         verify = self.verify and verify
-        with self._begin() as txn:
+        if self.broken is not None:
+            yield [(None, None)] * len(keys)
+            return
+        try:
+            txn = self._begin()
+        except lmdb.Error as exc:
+            self._failed(exc)
+            yield [(None, None)] * len(keys)
+            return
+        with txn:
             out: list[tuple[memoryview | None, bytes | None]] = []
             for key in keys:
-                stored = txn.get(self.key_prefix + key)
+                try:
+                    stored = txn.get(self.key_prefix + key)
+                except lmdb.Error as exc:  # a damaged page: this key and the rest go elsewhere
+                    self._failed(exc)
+                    out += [(None, None)] * (len(keys) - len(out))
+                    break
                 if stored is None:
                     out.append((None, None))
                     continue

@@ -20,7 +20,7 @@ class ServerConfig:
     max_record_bytes: int = 256 * MiB
     max_stream_bytes: int = 1 * GiB
     sync: bool = True
-    workers: int = 16
+    workers: int = 64
     grace_seconds: float = 5.0
     auth_tokens_file: str | None = None
     tls_cert: str | None = None
@@ -33,6 +33,21 @@ class ServerConfig:
     # The data plane (kvstore.dataplane): record bytes for reads over a plain TCP socket on the
     # host of `listen`. 0 picks a free port, None turns it off (reads stay on gRPC).
     data_port: int | None = 0
+    # Streams (kvstore.streams): bulk streams are capped so the small calls always find a thread
+    # of the pool, and a stream idle this long is ended.
+    max_get_bytes: int = 4 * GiB  # payload one Get (gRPC or data plane) may send
+    stream_idle_seconds: float = 30.0
+    streams_per_tenant: int = 8
+    streams_per_peer: int = 32
+    unary_reserve: int = 16  # threads of the pool no bulk stream may take
+    metrics_host: str | None = None  # where /metrics binds; None: the host of `listen`
+    scrub_hours: float | None = 24.0  # a full scrub (digests too) this often; None: at start only
+
+    def stream_guard(self):
+        from .streams import StreamGuard
+
+        return StreamGuard(max(1, self.workers - self.unary_reserve), self.streams_per_tenant,
+                           self.streams_per_peer, self.stream_idle_seconds)
 
     @property
     def map_size_bytes(self) -> int:

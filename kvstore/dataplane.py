@@ -92,7 +92,9 @@ class DataPlane:
     """The data-plane listener of one node: start() binds, stop() cuts every connection."""
 
     def __init__(self, storage: Storage, metrics: NodeMetrics, auth: Authenticator | None = None,
-                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 64) -> None:
+                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 64,
+                 max_get_bytes: int = 4 << 30) -> None:
+        self.max_get_bytes = max_get_bytes
         self.storage = storage
         self.metrics = metrics
         self.auth = auth
@@ -228,6 +230,16 @@ class DataPlane:
         except InvalidArgument as exc:  # the framing held: answer and keep the connection
             self.metrics.requests.labels("DataGet", exc.code.name).inc()
             sock.sendall(_error_frame(exc.code, str(exc)))
+            return True
+        try:
+            total = 0 if self.storage.damaged else self.storage.sizes(keys, prefix)
+        except Corrupt:
+            total = 0  # each key is answered CORRUPT below
+        if total > self.max_get_bytes:  # one small request must not ask for 275 GB
+            self.metrics.requests.labels("DataGet", "RESOURCE_EXHAUSTED").inc()
+            sock.sendall(_error_frame(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"a get of {len(keys)} keys would send {total} bytes, over the "
+                                      f"{self.max_get_bytes} a call may: ask for fewer keys at once"))
             return True
         sock.settimeout(SEND_SECONDS)
         self._answer(sock, keys, prefix)

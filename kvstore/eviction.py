@@ -71,9 +71,9 @@ class Evictor:
             self._flusher.start()
 
     def _limit(self) -> float:
-        return self.high_water * self.storage.map_size()
+        return self.high_water * self.storage.capacity()
 
-    def _incoming_pages(self, records: Iterable["IncomingRecord"], tenant: bytes) -> int:
+    def incoming_pages(self, records: Iterable["IncomingRecord"], tenant: bytes) -> int:
         return sum(page_bytes(len(tenant) + len(r.key), record.HEADER_SIZE + len(r.payload)) for r in records)
 
     # ---- around a write -----------------------------------------------------------------
@@ -94,7 +94,7 @@ class Evictor:
             if self.evict(over, tenant, groups, all_or_nothing=True)[1] < over:
                 raise QuotaExceeded(f"tenant quota of {quota} bytes reached")
         if self.by_space:
-            pages = self._incoming_pages(new, tenant)
+            pages = self.incoming_pages(new, tenant)
             if pages > LOW_WATER * self._limit():  # would flush the whole cache, and still not fit
                 raise QuotaExceeded(f"a put of {pages} bytes cannot fit under the high-water mark")
             if s.used_bytes() + pages > self._limit():
@@ -109,7 +109,7 @@ class Evictor:
         runs): evict twice the batch beyond the low-water mark. False if eviction is off."""
         if not self.by_space:
             return False
-        need = 2 * self._incoming_pages(records, tenant)
+        need = 2 * self.incoming_pages(records, tenant)
         self.evict_to(min(self.storage.used_bytes(), LOW_WATER * self._limit()) - need, groups)
         return True
 
@@ -130,6 +130,7 @@ class Evictor:
         One transaction removes them; a second makes their pages reusable by the next write
         (LMDB reuses only pages freed by transactions older than the previous one)."""
         s = self.storage
+        s.reap_readers()  # pages pinned by a dead reader are not a reason to evict
         with s.env.begin(write=True, buffers=True) as txn:
             s.ledger.touch(txn, self.take_touched())
             victims: list[bytes] = []

@@ -31,6 +31,21 @@ class NodeMetrics:
         size.set_function(lambda: storage.stats().map_size_bytes)
         records.set_function(lambda: storage.stats().records)
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
+        rebuild = Gauge("kvstore_needs_rebuild", "1 while the node's files need a rebuild from the replicas",
+                        registry=r)
+        rebuild.set_function(lambda: 1 if storage.damaged else 0)
+
+    def watch_streams(self, streams) -> None:
+        """Gauges of the stream guard (kvstore.streams)."""
+        r = self.registry
+        Gauge("kvstore_open_streams", "Bulk streams being served", registry=r).set_function(streams.open_streams)
+        Gauge("kvstore_streams_timed_out", "Streams ended for idling", registry=r).set_function(
+            lambda: streams.timed_out)
+        refused = Gauge("kvstore_streams_refused", "Streams refused over a cap", ["cap"], registry=r)
+        for cap in ("tenant", "peer", "total"):
+            refused.labels(cap).set_function(lambda cap=cap: streams.refused[cap])
+
+    def serve_http(self, port: int, addr: str):
+        """The /metrics HTTP server (its `server_port` is the bound port)."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return server.server_port
+        return server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Node:
     metrics: NodeMetrics
     metrics_port: int | None = None
     data_plane: DataPlane | None = None  # kvstore.dataplane; None: off
+    metrics_server: object | None = None  # the /metrics HTTP server
 
     @property
     def data_port(self) -> int | None:
@@ -47,6 +49,10 @@ class Node:
         if self.data_plane is not None:
             self.data_plane.stop()  # its reads end before the environment closes
         self.server.stop(grace).wait()
+        self.servicer.streams.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.storage.close()
 
 
@@ -72,6 +78,11 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         return None
     if not (config.tls_cert and config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    try:
+        server_ssl_context(config.tls_cert, config.tls_key)  # gRPC would only say "Failed to bind"
+    except ssl.SSLError as exc:
+        raise ValueError(f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a PEM certificate "
+                         f"and its private key ({exc.reason or exc}); see the README's TLS section") from exc
     with open(config.tls_key, "rb") as k, open(config.tls_cert, "rb") as c:
         return grpc.ssl_server_credentials([(k.read(), c.read())])
 
@@ -90,13 +101,16 @@ def build_node(config: ServerConfig) -> Node:
         sync=config.sync,
         high_water=config.high_water,
         tenant_quota=config.tenant_quota_bytes,
+        shared=config.colocated is True,
+        holder=config.node_id or config.listen,
+        scrub_seconds=config.scrub_hours * 3600 if config.scrub_hours else None,
     )
     metrics = NodeMetrics(storage)
     storage.evictor.on_evict = metrics.evictions.inc
     data_plane = None
     if config.data_port is not None:
         tls = server_ssl_context(config.tls_cert, config.tls_key) if creds else None
-        data_plane = DataPlane(storage, metrics, auth, tls)
+        data_plane = DataPlane(storage, metrics, auth, tls, max_get_bytes=config.max_get_bytes)
         try:
             data_port = data_plane.start(_host(config.listen), config.data_port)
         except OSError:
@@ -104,6 +118,7 @@ def build_node(config: ServerConfig) -> Node:
             raise
         config = dataclasses.replace(config, data_port=data_port)  # Stat advertises the bound port
     servicer = KVCacheServicer(config, storage, metrics, auth)
+    metrics.watch_streams(servicer.streams)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((_handlers(servicer, metrics),))
     health_servicer = health.HealthServicer()
@@ -116,12 +131,20 @@ def build_node(config: ServerConfig) -> Node:
         storage.close()
         raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
     server.start()
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = metrics.serve_http(config.metrics_port) if config.metrics_port is not None else None
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)  # the process answers
+    # the store itself: NOT_SERVING while its files need a rebuild (an operator signal)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING if storage.damaged
+                        else health_pb2.HealthCheckResponse.SERVING)
+    metrics_server = metrics_port = None
+    if config.metrics_port is not None:
+        metrics_host = config.metrics_host if config.metrics_host is not None else _host(config.listen)
+        metrics_server = metrics.serve_http(config.metrics_port, metrics_host)
+        metrics_port = metrics_server.server_port
+        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     log.info("kvstore node %r listening on port %d (data plane %s), data %s", config.node_id, port,
              config.data_port, storage.path)
-    return Node(server, port, storage, servicer, health_servicer, metrics, metrics_port, data_plane)
+    return Node(server, port, storage, servicer, health_servicer, metrics, metrics_port, data_plane,
+                metrics_server)
 
 
 def _host(listen: str) -> str:

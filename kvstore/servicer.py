@@ -26,7 +26,9 @@ from kvproto.limits import CHUNK_BYTES, MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 
 from .config import ServerConfig
 from .metrics import NodeMetrics
-from .storage import IncomingRecord, Storage
+from .spool import Spool
+from .storage import Storage
+from .streams import StreamGuard
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +73,45 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 
 
 class KVCacheServicer:
-    def __init__(self, config: ServerConfig, storage: Storage, metrics: NodeMetrics, auth=None) -> None:
+    def __init__(self, config: ServerConfig, storage: Storage, metrics: NodeMetrics, auth=None,
+                 streams: StreamGuard | None = None) -> None:
         self.config = config
         self.storage = storage
         self.metrics = metrics
         self.auth = auth  # kvstore.auth.Authenticator or None
+        self.streams = streams or config.stream_guard()
 
     def _prefix(self, context: grpc.ServicerContext) -> bytes:
         return self.auth.key_prefix(context) if self.auth else b""
 
+    def _tenant(self, prefix: bytes) -> bytes | None:
+        """Who a stream is capped as: its tenant on an auth node, else only its address."""
+        return prefix if self.auth is not None else None
+
     # ---- Put ---------------------------------------------------------------------------
     def put(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutResponse:
+        """Records arrive in chunks, wait in a spool (memory, then a file: never whole in
+        memory) and commit in one transaction when the stream ends: all or nothing."""
         prefix = self._prefix(context)
-        records: list[IncomingRecord] = []
+        with self.streams.admit(context, "Put", self._tenant(prefix)) as watch:
+            spool = Spool(self.storage.path)
+            try:
+                total = self._receive(request_iterator, watch, spool)
+                stored, existed = self.storage.put_batch(spool.records(), prefix)
+            finally:
+                spool.close()
+        self.metrics.bytes_in.inc(total)
+        return pb.PutResponse(stored=stored, existed=existed)
+
+    def _receive(self, request_iterator: Iterator[bytes], watch, spool: Spool) -> int:
         current: pb.PutRequest | None = None
-        parts: list[bytes] = []
         got = total = 0
         for raw in request_iterator:
+            watch.beat()
             msg = parse(pb.PutRequest, raw)
             if current is None:
-                current, parts, got = self._start_record(msg, total), [], 0
+                current, got = self._start_record(msg, total), 0
+                spool.begin(current.key, current.size, current.checksum)
             elif msg.key or msg.size or msg.checksum:
                 raise InvalidArgument("record header arrived before the previous record was complete")
             if msg.data:
@@ -98,18 +119,14 @@ class KVCacheServicer:
                 total += len(msg.data)
                 if got > current.size:
                     raise InvalidArgument(f"record {current.key.hex()[:16]} has more data than its size")
-                parts.append(msg.data)
+                spool.data(msg.data)
             if got == current.size:
-                incoming = IncomingRecord.from_parts(current.key, current.checksum, current.size, parts)
-                if record.digest(current.key, incoming.payload) != current.checksum:
+                if not spool.end():
                     raise Corrupt(f"record {current.key.hex()[:16]} failed its checksum in transit")
-                records.append(incoming)
                 current = None
         if current is not None:
             raise InvalidArgument("stream ended inside a record")
-        stored, existed = self.storage.put_batch(records, prefix)
-        self.metrics.bytes_in.inc(total)
-        return pb.PutResponse(stored=stored, existed=existed)
+        return total
 
     def _start_record(self, msg: pb.PutRequest, total: int) -> pb.PutRequest:
         check_key(msg.key)
@@ -127,27 +144,44 @@ class KVCacheServicer:
         prefix = self._prefix(context)
         request = parse(pb.GetRequest, raw)
         check_keys(request.keys)
-        for index, key in enumerate(request.keys):
-            try:
-                found = self.storage.read_with(
-                    key,
-                    lambda payload, digest: (wire.found_frames(index, payload, digest, CHUNK_BYTES), len(payload)),
-                    prefix,
-                    verify=False,  # the structure here, the digest by the reader (once per hop)
-                )
-            except Corrupt:
-                log.warning("corrupt record %s", key.hex())
-                self.metrics.misses.labels("corrupt").inc()
-                yield wire.state_frame(index, pb.RECORD_STATE_CORRUPT)
-                continue
-            if found is None:
-                self.metrics.misses.labels("missing").inc()
-                yield wire.state_frame(index, pb.RECORD_STATE_MISSING)
-                continue
-            frames, size = found
-            self.metrics.hits.inc()
-            self.metrics.bytes_out.inc(size)
-            yield from frames
+        if self.storage.damaged:  # nothing is read from a file that needs a rebuild
+            self.metrics.misses.labels("corrupt").inc(len(request.keys))
+            yield from (wire.state_frame(i, pb.RECORD_STATE_CORRUPT) for i in range(len(request.keys)))
+            return
+        with self.streams.admit(context, "Get", self._tenant(prefix)) as watch:
+            self.check_reply_size(list(request.keys), prefix)
+            for index, key in enumerate(request.keys):
+                for frame in self._record_frames(index, key, prefix):
+                    watch.beat()
+                    yield frame
+            watch.beat()
+
+    def check_reply_size(self, keys: list[bytes], prefix: bytes) -> None:
+        """A reply is bounded per call (one small request must not ask for 275 GB)."""
+        total = self.storage.sizes(keys, prefix)
+        if total > self.config.max_get_bytes:
+            raise QuotaExceeded(f"a get of {len(keys)} keys would send {total} bytes, over the "
+                                f"{self.config.max_get_bytes} a call may: ask for fewer keys at once")
+
+    def _record_frames(self, index: int, key: bytes, prefix: bytes) -> list[bytes]:
+        try:
+            found = self.storage.read_with(
+                key,
+                lambda payload, digest: (wire.found_frames(index, payload, digest, CHUNK_BYTES), len(payload)),
+                prefix,
+                verify=False,  # the structure here, the digest by the reader (once per hop)
+            )
+        except Corrupt:
+            log.warning("corrupt record %s", key.hex())
+            self.metrics.misses.labels("corrupt").inc()
+            return [wire.state_frame(index, pb.RECORD_STATE_CORRUPT)]
+        if found is None:
+            self.metrics.misses.labels("missing").inc()
+            return [wire.state_frame(index, pb.RECORD_STATE_MISSING)]
+        frames, size = found
+        self.metrics.hits.inc()
+        self.metrics.bytes_out.inc(size)
+        return frames
 
     # ---- small calls -------------------------------------------------------------------
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> pb.LookupResponse:
@@ -165,18 +199,24 @@ class KVCacheServicer:
         return pb.DeleteResponse(deleted=self.storage.delete(list(request.keys), prefix))
 
     def stat(self, raw: bytes, context: grpc.ServicerContext) -> pb.StatResponse:
-        self._prefix(context)  # authenticated callers only
+        """The node's state; on an auth node the counts are the caller's tenant's only."""
+        prefix = self._prefix(context)
         parse(pb.StatRequest, raw)
         s = self.storage.stats()
+        records, used, evicted = s.records, s.used_bytes, s.evicted_records
+        if self.auth is not None and not s.needs_rebuild:
+            records, used, evicted = self.storage.count(prefix), self.storage.tenant_usage(prefix), 0
         return pb.StatResponse(
             node_id=self.config.node_id,
-            records=s.records,
-            used_bytes=s.used_bytes,
+            records=records,
+            used_bytes=used,
             map_size_bytes=s.map_size_bytes,
             max_record_bytes=self.config.max_record_bytes,
             version="kvcache.v1",
-            evicted_records=s.evicted_records,
+            evicted_records=evicted,
             data_port=self.config.data_port or 0,  # build_node records the bound port
+            needs_rebuild=s.needs_rebuild,
+            tenant_scoped=self.auth is not None,
         )
 
     def scan(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScanResponse:
@@ -195,6 +235,8 @@ class KVCacheServicer:
         if not allowed:
             # whoever can read data.mdb reads every tenant: with auth on, only on explicit opt-in
             raise FailedPrecondition("the co-located path is off on this node (--colocated to allow)")
+        if self.storage.damaged:
+            raise FailedPrecondition(f"the node's files need a rebuild ({self.storage.damaged}): read over gRPC")
         return pb.LocalInfoResponse(
             node_id=self.config.node_id,
             data_path=self.storage.path,

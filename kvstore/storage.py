@@ -27,7 +27,9 @@ import lmdb
 from kvproto import record
 from kvproto.errors import Corrupt, QuotaExceeded
 
+from . import datadir, scrub
 from .eviction import EVICTED, Evictor
+from kvproto.integrity import data_file, file_check
 from .ledger import COUNT, Changes, Ledger, group_id
 
 T = TypeVar("T")
@@ -36,16 +38,11 @@ log = logging.getLogger(__name__)
 
 DATA_DB, META_DB, ENV_TOKEN, FORMAT_KEY = record.DATA_DB, record.META_DB, record.ENV_TOKEN, record.FORMAT_KEY
 LEDGER_VERSION = b"ledger_version"
-DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError)  # what a flipped bit in a page raises
-
-
-@contextmanager
-def _full_is_exhausted() -> Iterator[None]:
-    """A full map (even eviction needs a few free pages) is RESOURCE_EXHAUSTED, not INTERNAL."""
-    try:
-        yield
-    except lmdb.MapFullError as exc:
-        raise QuotaExceeded("store is full (LMDB map size reached)") from exc
+SETTLE_KEY = b"settled_at"
+# what a damaged page raises (BadTxn: what the same transaction answers after one)
+DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError)
+READER_CHECK_SECONDS = 2.0
+DISK_RESERVE = 1 << 20  # below this much free disk, a failed commit is a full disk
 
 
 class FormatError(ValueError):
@@ -81,6 +78,7 @@ class StorageStats:
     map_size_bytes: int
     file_bytes: int = 0  # the high-water mark of the data file
     evicted_records: int = 0
+    needs_rebuild: str = ""  # why the file must be rebuilt from the replicas; "" when sound
 
 
 class Storage:
@@ -96,36 +94,156 @@ class Storage:
         high_water: float = 1.0,
         tenant_quota: int | None = None,
         clock: Callable[[], int] = time.time_ns,
+        shared: bool = False,
+        holder: str = "",
+        scrub_seconds: float | None = None,
     ) -> None:
+        if not path:
+            raise datadir.DataDirError("the data directory is empty: name one")
         self.path = os.path.abspath(path)
-        if not readonly:
-            os.makedirs(self.path, exist_ok=True)
         self.readonly = readonly
         self.clock = clock
-        self.env = lmdb.open(
-            self.path,
-            map_size=map_size,
-            max_dbs=8,
-            max_readers=512,
-            readonly=readonly,
-            sync=sync,
-            metasync=sync,
-            readahead=False,
-            lock=True,  # readers must register, or a writer may reuse pages they still read
-        )
-        self._map_size = self.env.info()["map_size"]  # fixed for the life of the environment
-        self.data_db = self.env.open_db(DATA_DB, create=not readonly)
-        self.meta_db = self.env.open_db(META_DB, create=not readonly)
-        self._dbs = [self.env.open_db(None), self.data_db, self.meta_db]
         self.write_lock = threading.Lock()
-        self.env_token = self._load_env_token()
-        self._check_format()
-        self.evictor = Evictor(self, high_water, tenant_quota)
+        self.damaged: str | None = None  # why the file needs a rebuild; then nothing is read from it
+        self.env: lmdb.Environment | None = None
         self.ledger: Ledger | None = None
+        self.env_token = b""
+        self.evictor = Evictor(self, high_water, tenant_quota)
+        self._lock: datadir.DirLock | None = None
+        self._stop = threading.Event()
+        self._maintenance: threading.Thread | None = None
+        file_mode = 0o600
         if not readonly:
-            self.ledger = Ledger(self.env, self.data_db)
-            self._dbs += [self.ledger.lru, self.ledger.usage_db]
-            self.evictor.start(self._open_ledger())
+            file_mode = datadir.prepare(self.path, shared)
+            self._lock = datadir.DirLock(self.path, holder, file_mode)
+        try:
+            if os.path.exists(data_file(self.path)):
+                self.damaged = file_check(self.path) or self._scrub_reason(scrub.run(self.path))
+            if self.damaged:
+                log.error("%s needs a rebuild, serving nothing from it: %s "
+                          "(copy it back from the replicas: `kvstore rebuild --data %s --from NODES`)",
+                          self.path, self.damaged, self.path)
+            else:
+                self._open(map_size, sync, file_mode)
+        except BaseException:
+            if self.env is not None:
+                self.env.close()
+            self._release_lock()
+            raise
+        self._maintenance = threading.Thread(target=self._maintain, args=(scrub_seconds,),
+                                             name="kvstore-maintenance", daemon=True)
+        self._maintenance.start()
+
+    def _open(self, map_size: int, sync: bool, file_mode: int) -> None:
+        readonly = self.readonly
+        try:
+            self.env = lmdb.open(
+                self.path,
+                map_size=map_size,
+                max_dbs=8,
+                max_readers=512,
+                readonly=readonly,
+                sync=sync,
+                metasync=sync,
+                readahead=False,
+                lock=True,  # readers must register, or a writer may reuse pages they still read
+                mode=file_mode,
+            )
+        except lmdb.MemoryError as exc:
+            raise ValueError(f"cannot map {map_size / (1 << 30):g} GiB for {self.path} ({exc}): "
+                             f"choose a smaller --map-size-gb") from exc
+        self._map_size = self.env.info()["map_size"]  # fixed for the life of the environment
+        with self._guard():
+            self.data_db = self.env.open_db(DATA_DB, create=not readonly)
+            self.meta_db = self.env.open_db(META_DB, create=not readonly)
+            self._dbs = [self.env.open_db(None), self.data_db, self.meta_db]
+            self.env_token = self._load_env_token()
+            self._check_format()
+            if not readonly:
+                self.ledger = Ledger(self.env, self.data_db)
+                self._dbs += [self.ledger.lru, self.ledger.usage_db]
+                self.evictor.start(self._open_ledger())
+
+    @staticmethod
+    def _scrub_reason(report: scrub.ScrubReport) -> str | None:
+        if report.ok:
+            if report.bad_records:
+                log.warning("scrub: %d of %d records fail their checks (each is a miss, repaired on write)",
+                            report.bad_records, report.records)
+            return None
+        return report.reason or "the scrub failed"
+
+    # ---- damage, dead readers, maintenance ----------------------------------------------
+    def _usable(self) -> None:
+        if self.damaged:
+            raise Corrupt(f"storage {self.path} needs a rebuild: {self.damaged}")
+
+    def mark_damaged(self, reason: str) -> None:
+        """Serve nothing more from this file (reads answer CORRUPT, writes DATA_LOSS)."""
+        if not self.damaged:
+            self.damaged = reason
+            log.error("%s needs a rebuild, serving nothing more from it: %s "
+                      "(`kvstore rebuild --data %s --from NODES` copies it back from the replicas)",
+                      self.path, reason, self.path)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A damaged page is DATA_LOSS and marks the file for a rebuild; a full disk or map is
+        RESOURCE_EXHAUSTED. Neither is INTERNAL."""
+        try:
+            yield
+        except lmdb.MapFullError as exc:
+            raise QuotaExceeded(f"store {self.path} is full (LMDB map size reached)") from exc
+        except DAMAGED as exc:
+            self.mark_damaged(f"{type(exc).__name__}: {exc}")
+            raise Corrupt(f"storage damaged: {exc}") from exc
+        except lmdb.Error as exc:
+            if self.disk_free() < DISK_RESERVE:
+                raise QuotaExceeded(f"disk full under {self.path} ({self.disk_free()} bytes free): "
+                                    f"{exc}") from exc
+            raise
+
+    def reap_readers(self) -> int:
+        """Clear the reader slots of dead processes (a co-located client killed inside a read
+        transaction would otherwise pin old pages for ever); how many were cleared."""
+        if self.env is None:
+            return 0
+        try:
+            cleared = self.env.reader_check()
+        except lmdb.Error as exc:
+            log.warning("reader check failed: %s", exc)
+            return 0
+        if cleared:
+            log.warning("cleared %d reader slot(s) left by dead processes", cleared)
+        return cleared
+
+    def _maintain(self, scrub_seconds: float | None) -> None:
+        next_scrub = time.monotonic() + scrub_seconds if scrub_seconds else None
+        while not self._stop.wait(READER_CHECK_SECONDS):
+            if self.damaged or self.env is None:
+                continue
+            self.reap_readers()
+            if next_scrub is not None and time.monotonic() >= next_scrub:
+                report = scrub.run(self.path, digests=True)
+                log.info("scrub of %s: %s, %d records (%d bad) in %.1f s", self.path,
+                         "sound" if report.ok else report.reason, report.records, report.bad_records,
+                         report.seconds)
+                if not report.ok:
+                    self.mark_damaged(report.reason)
+                next_scrub = time.monotonic() + scrub_seconds
+
+    def disk_free(self) -> int:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def capacity(self) -> int:
+        """Bytes the file may grow to: its map size, or less when the disk holds less."""
+        info = self.env.info()
+        file_hw = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        return min(self._map_size, file_hw + max(0, self.disk_free() - DISK_RESERVE))
 
     def _load_env_token(self) -> bytes:
         with self.env.begin(db=self.meta_db) as txn:
@@ -170,14 +288,17 @@ class Storage:
     # ---- writes -------------------------------------------------------------------------
     def put_batch(self, records: Iterable[IncomingRecord], tenant: bytes = b"") -> tuple[int, int]:
         """Store records atomically, first writer wins. Returns (stored, existed)."""
+        self._usable()
         records = list(records)
         groups = {group_id(tenant, rec.key) for rec in records}
-        with self.write_lock, _full_is_exhausted():
+        with self.write_lock, self._guard():
+            self._check_disk(records, tenant)
             try:
                 self.evictor.make_room(records, tenant, groups)
                 result = self._write(records, tenant)
             except lmdb.MapFullError:
-                if not self.evictor.after_map_full(records, tenant, groups):
+                # pages pinned by a dead reader first, then eviction
+                if not self.reap_readers() and not self.evictor.after_map_full(records, tenant, groups):
                     raise
                 result = self._write(records, tenant)
             try:
@@ -185,6 +306,19 @@ class Storage:
             except lmdb.MapFullError as exc:  # the batch is stored; the next write evicts again
                 log.warning("eviction after a write failed: %s", exc)
         return result
+
+    def _check_disk(self, records: list[IncomingRecord], tenant: bytes) -> None:
+        """Refuse up front a write the disk cannot take (without eviction to make room): a
+        commit that fails half-way would grow the file for nothing."""
+        if self.evictor.by_space:
+            return  # eviction keeps the file under capacity(), which counts the free disk
+        incoming = self.evictor.incoming_pages(records, tenant)
+        stats = self.env.info(), self.env.stat()["psize"]
+        file_hw = (stats[0]["last_pgno"] + 1) * stats[1]
+        free_in_file = max(0, file_hw - self.used_bytes())
+        if incoming > free_in_file + self.disk_free() - DISK_RESERVE:
+            raise QuotaExceeded(f"disk full under {self.path}: {self.disk_free()} bytes free, "
+                                f"a write of {incoming} bytes does not fit (delete or evict records)")
 
     def _write(self, records: list[IncomingRecord], tenant: bytes) -> tuple[int, int]:
         stored = existed = 0
@@ -228,26 +362,34 @@ class Storage:
             return size
 
     def delete(self, keys: Iterable[bytes], tenant: bytes = b"") -> int:
+        self._usable()
         changes = Changes()
         deleted = 0
-        with self.write_lock, _full_is_exhausted(), self.env.begin(db=self.data_db, write=True, buffers=True) as txn:
-            for key in keys:
-                old = txn.pop(tenant + key)
-                if old is not None:
-                    changes.add(tenant, key, -(len(tenant) + len(key) + len(old)), access=False)
-                    deleted += 1
-            self.ledger.apply(txn, changes, self.clock())
+        with self.write_lock, self._guard():
+            with self.env.begin(db=self.data_db, write=True, buffers=True) as txn:
+                for key in keys:
+                    old = txn.pop(tenant + key)
+                    if old is not None:
+                        changes.add(tenant, key, -(len(tenant) + len(key) + len(old)), access=False)
+                        deleted += 1
+                self.ledger.apply(txn, changes, self.clock())
+            if deleted:
+                self._settle()
         return deleted
+
+    def _settle(self) -> None:
+        """One more small commit: LMDB reuses the pages a transaction freed only after the next
+        one, and a full disk needs them at once."""
+        with self.env.begin(db=self.meta_db, write=True) as txn:
+            txn.put(SETTLE_KEY, COUNT.pack(self.clock()))
 
     # ---- reads --------------------------------------------------------------------------
     @contextmanager
     def _read_txn(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction over the data; a damaged page is reported as Corrupt, not INTERNAL."""
-        try:
-            with self.env.begin(db=self.data_db, buffers=True) as txn:
-                yield txn
-        except DAMAGED as exc:
-            raise Corrupt(f"storage damaged: {exc}") from exc
+        """A read transaction over the data; a damaged page is DATA_LOSS, not INTERNAL."""
+        self._usable()
+        with self._guard(), self.env.begin(db=self.data_db, buffers=True) as txn:
+            yield txn
 
     def exists(self, keys: list[bytes], tenant: bytes = b"") -> list[bool]:
         with self._read_txn() as txn:
@@ -268,6 +410,11 @@ class Storage:
         self.evictor.touch(tenant, [key])
         return result
 
+    def sizes(self, keys: list[bytes], tenant: bytes = b"") -> int:
+        """Total payload bytes of the stored keys (no payload byte is touched)."""
+        with self._read_txn() as txn:
+            return sum(max(0, len(v) - record.HEADER_SIZE) for k in keys if (v := txn.get(tenant + k)) is not None)
+
     def read_batch(self, keys: list[bytes], sink: Callable[[list], None], tenant: bytes = b"",
                    verify: bool = True) -> list[bool]:
         """sink([(index, payload view, digest or None)]) of every readable key, in one read
@@ -277,10 +424,10 @@ class Storage:
         batch = []
         with self._read_txn() as txn:
             for i, key in enumerate(keys):
-                stored = txn.get(tenant + key)
-                if stored is None:
-                    continue
                 try:
+                    stored = txn.get(tenant + key)
+                    if stored is None:
+                        continue
                     payload, digest = record.unpack(key, stored, verify)
                 except Corrupt as exc:
                     log.warning("corrupt record %s: %s", key.hex(), exc)
@@ -299,7 +446,8 @@ class Storage:
     def scan(self, prefix: bytes, start_after: bytes, limit: int) -> list[bytes]:
         """Up to `limit` keys under `prefix`, in order, strictly after `start_after`."""
         out: list[bytes] = []
-        with self.env.begin(db=self.data_db) as txn:
+        self._usable()
+        with self._guard(), self.env.begin(db=self.data_db) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(max(prefix, start_after)):
                 return out
@@ -310,8 +458,22 @@ class Storage:
                     out.append(key)
         return out
 
+    def count(self, prefix: bytes) -> int:
+        """Records stored under a tenant prefix (a key-only walk of its range)."""
+        self._usable()
+        n = 0
+        with self._guard(), self.env.begin(db=self.data_db) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    n += 1
+        return n
+
     def tenant_usage(self, tenant: bytes = b"") -> int:
         """Bytes (keys + stored values) charged to a tenant."""
+        self._usable()
         with self.env.begin() as txn:
             return self.ledger.usage(txn, tenant) if self.ledger else 0
 
@@ -326,8 +488,10 @@ class Storage:
         return (pages + 2) * stats[0]["psize"]  # + the two meta pages
 
     def stats(self) -> StorageStats:
+        if self.damaged or self.env is None:
+            return StorageStats(0, 0, 0, needs_rebuild=self.damaged or "not open")
         info = self.env.info()
-        with self.env.begin(db=self.data_db) as txn:
+        with self._guard(), self.env.begin(db=self.data_db) as txn:
             records = txn.stat(self.data_db)["entries"]
         return StorageStats(
             records=records,
@@ -337,6 +501,16 @@ class Storage:
             evicted_records=self.evictor.evicted_records,
         )
 
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def close(self) -> None:
+        self._stop.set()
+        if self._maintenance is not None and self._maintenance is not threading.current_thread():
+            self._maintenance.join()
         self.evictor.stop()
-        self.env.close()
+        if self.env is not None:
+            self.env.close()
+        self._release_lock()

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import zstandard
 
+from . import kvcodec
+
 MAGIC = b"KVB1"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -33,7 +35,8 @@ HEADER_SIZE = HEADER.size  # 64
 
 CODEC_NONE = 0
 CODEC_ZSTD_BYTEPLANE = 1
-CODECS = {"none": CODEC_NONE, "zstd-byteplane": CODEC_ZSTD_BYTEPLANE}
+CODEC_ZSTD_GROUPED = 2  # inference/kvcodec.py; its payload carries its own format version
+CODECS = {"none": CODEC_NONE, "zstd-byteplane": CODEC_ZSTD_BYTEPLANE, "zstd-grouped": CODEC_ZSTD_GROUPED}
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -78,9 +81,16 @@ def encode(keys: torch.Tensor, values: torch.Tensor, layer: int, codec: str = "n
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r} (have {sorted(CODECS)})")
     raw = _raw_bytes(keys) + _raw_bytes(values)
-    stored = _byteplane_compress(raw, keys.element_size()) if CODECS[codec] else raw
-    header = pack_header(keys.dtype, CODECS[codec], layer, (2, *keys.shape), len(raw), len(stored))
-    return header + stored
+    shape = (2, *keys.shape)
+    stored = compress_payload(raw, keys.dtype, shape, CODECS[codec])
+    return pack_header(keys.dtype, CODECS[codec], layer, shape, len(raw), len(stored)) + stored
+
+
+def compress_payload(raw: bytes, dtype: torch.dtype, shape: tuple[int, int, int, int], codec: int) -> bytes:
+    """The stored form of the raw K‖V bytes under a codec id."""
+    if codec == CODEC_ZSTD_GROUPED:
+        return kvcodec.encode(raw, dtype, shape)
+    return _byteplane_compress(raw, _itemsize(dtype)) if codec == CODEC_ZSTD_BYTEPLANE else raw
 
 
 def pack_header(dtype: torch.dtype, codec: int, layer: int, shape: tuple[int, int, int, int], raw_length: int,
@@ -110,7 +120,15 @@ def parse_header(record: bytes | memoryview) -> RecordHeader:
 def raw_payload(record: bytes | memoryview, header: RecordHeader) -> memoryview:
     """The raw K‖V bytes of a record, as a view of `record` when it is stored uncompressed."""
     stored = memoryview(record)[HEADER_SIZE:]
-    raw = stored if header.codec == CODEC_NONE else memoryview(_byteplane_decompress(stored, header))
+    if header.codec == CODEC_NONE:
+        raw = stored
+    elif header.codec == CODEC_ZSTD_GROUPED:
+        try:
+            raw = memoryview(kvcodec.decode(stored, header.dtype, header.shape))
+        except kvcodec.CorruptPayload as exc:
+            raise RecordError("corrupt", str(exc)) from exc
+    else:
+        raw = memoryview(_byteplane_decompress(stored, header))
     if len(raw) != header.raw_length:
         raise RecordError("corrupt", "decoded length differs from the header")
     return raw

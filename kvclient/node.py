@@ -139,13 +139,16 @@ class NodeConnection:
 
         Over the node's data plane when it has one (values are then bytearrays; with `reuse`
         views of one receive buffer, valid until the next value), else gRPC."""
+        deadline = time.monotonic() + timeout  # the Stat that finds the data plane counts too
         pool = self._data_pool(timeout)
+        timeout = max(0.001, deadline - time.monotonic())
         if pool is not None:
             try:
                 entries = pool.get(keys, timeout, reuse)
             except CannotConnect as exc:
                 log.info("%s: data plane unreachable (%s); reading over gRPC", self.address, exc)
                 self._forget_data_plane(pool)
+                timeout = max(0.001, deadline - time.monotonic())
             else:
                 yield from entries
                 return

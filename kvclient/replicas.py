@@ -272,9 +272,16 @@ class ReplicaSet:
                     future = self._submit(node, ask, node, keys, call, attempt)
                 inflight[future] = attempt
 
+        def waiting() -> bool:
+            """Whether a key is still to be decided by an attempt in flight: one that shows life,
+            or a silent one when no other replica answered the key (it is the last hope)."""
+            live = {i for a in inflight.values() if not a.hedged for i in a.idx}
+            silent = {i for a in inflight.values() if a.hedged for i in a.idx}
+            return any(not settled(i) and (i in live or (i in silent and i not in call.answered)) for i in pending)
+
         try:
             launch(pending)
-            while inflight:
+            while inflight and waiting():
                 now = time.monotonic()
                 if now >= call.deadline:
                     break
@@ -423,11 +430,16 @@ class ReplicaSet:
             log.debug("recency touch on %s failed: %s", node, exc)
 
     def close(self) -> None:
-        """Finish the read repairs under way (each bounded by its deadline), then stop."""
+        """Finish the read repairs under way (bounded by their deadlines), then stop; reads still
+        waiting on a hung node are abandoned (their calls already returned)."""
         self.hints.close()
+        try:
+            self.flush(2 * self.timeout)
+        except Exception as exc:  # noqa: BLE001 - a repair that did not finish is healed later
+            log.info("read repairs left unfinished at close: %s", exc)
         with self._lock:
             pools = list(self._pools.values())
         for pool in pools:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=False, cancel_futures=True)
         for conn in self._conns.values():
             conn.close()

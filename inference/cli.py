@@ -89,14 +89,16 @@ class StoreDown(RuntimeError):
 
 
 def check_store(client, allowed: bool) -> None:
-    """Fail fast, naming the nodes and why, when no node serves; a warning with `allowed`."""
-    health = client.health()
-    if any(status == "SERVING" for status in health.values()):
+    """Fail fast, naming the nodes and why, when no node serves this client (down, or refusing
+    its token); a warning with `allowed`. Stat is an authenticated call, unlike health."""
+    stats = client.stat()
+    if any("error" not in s for s in stats.values()):
         return
-    why = "; ".join(f"{status.removeprefix('error: ')}" for status in health.values())
+    why = "; ".join(s["error"] for s in stats.values())
     if not allowed:
-        raise StoreDown(f"no node answered ({why}); --allow-store-down generates without reuse")
-    log.warning("no node answered; generating without reuse: %s", why)
+        raise StoreDown(f"no node is usable: unreachable or refused this client ({why}); "
+                        f"--allow-store-down generates without reuse")
+    log.warning("no node is usable; generating without reuse: %s", why)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

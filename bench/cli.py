@@ -4,7 +4,8 @@ Scenarios: economics (the cost model, beside measured figures with --from DIR), 
 vs raw socket), topology (namespaces + tc links), reuse (prefill vs cached reuse), load (KV load
 paths, bench/load.py), stripe (striped fetch across replicas over shaped links), peers (this store
 vs redis, Mooncake Store, safetensors files and a raw socket, same blocks), vllm (TTFT in vLLM with
-no connector, this store's connector, vLLM's ExampleConnector and Mooncake's; not in `all`), all (transport,
+no connector, this store's connector, vLLM's ExampleConnector and Mooncake's; not in `all`), compress (lossless
+codecs on real KV beside the entropy bound; not in `all`), all (transport,
 topology, stripe, peers, reuse, load, then economics over their results).
 """
 
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--compile", action="store_true", help="let vLLM torch.compile (default enforce_eager: "
                    "compiling adds ~60-80 s to each of the 10 engine starts on CPU)")
     v.add_argument("--machine-note", default="", help="what the notes say about the machine (e.g. shared, cores)")
+
+    c = sub.add_parser("compress", help="lossless codecs on real KV beside the entropy bound (not in `all`)")
+    _add_common(c)
+    c.add_argument("--models", default=None, help="comma-separated (default smollm2,tiny-qwen3,tiny-llama; quick tiny-qwen3)")
+    c.add_argument("--tokens", type=int, default=None, help="prefill tokens (default 2048; quick 512)")
+    c.add_argument("--record-tokens", default=None, help="tokens per record, comma-separated (default 2048,256)")
+    c.add_argument("--repeats", type=int, default=None, help="timed repeats, best and median (default 5; quick 2)")
 
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
@@ -211,6 +219,19 @@ def _run_vllm(args) -> None:
     write_report(vllm_bench.run(p, progress=not args.no_progress), args.out)
 
 
+def _run_compress(args) -> None:
+    from . import compress
+
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    tokens = args.tokens or (512 if args.quick else 2048)
+    record_tokens = tuple(int(x) for x in split(args.record_tokens)) if args.record_tokens else (
+        (512, 256) if args.quick else (2048, 256))
+    p = compress.CompressParams(
+        models=split(args.models) if args.models else (("tiny-qwen3",) if args.quick else compress.MODELS),
+        tokens=tokens, record_tokens=record_tokens, repeats=args.repeats or (2 if args.quick else 5))
+    write_report(compress.run(p, progress=not args.no_progress), args.out)
+
+
 def _run_all(args) -> None:
     base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
     for argv in (["transport"], ["topology"], ["stripe"], ["peers"], ["reuse"], ["load"], ["economics", "--from", args.out]):
@@ -237,7 +258,7 @@ def _with_model_fallback(scenario: str, model: str | None, base: list[str]) -> N
 
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
            "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "peers": _run_peers, "vllm": _run_vllm,
-           "all": _run_all}
+           "compress": _run_compress, "all": _run_all}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

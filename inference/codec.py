@@ -119,19 +119,23 @@ def parse_header(record: bytes | memoryview) -> RecordHeader:
 
 def raw_payload(record: bytes | memoryview, header: RecordHeader) -> memoryview:
     """The raw K‖V bytes of a record, as a view of `record` when it is stored uncompressed."""
-    stored = memoryview(record)[HEADER_SIZE:]
-    if header.codec == CODEC_NONE:
-        raw = stored
-    elif header.codec == CODEC_ZSTD_GROUPED:
-        try:
-            raw = memoryview(kvcodec.decode(stored, header.dtype, header.shape))
-        except kvcodec.CorruptPayload as exc:
-            raise RecordError("corrupt", str(exc)) from exc
-    else:
-        raw = memoryview(_byteplane_decompress(stored, header))
+    raw = decompress_payload(memoryview(record)[HEADER_SIZE:], header)
     if len(raw) != header.raw_length:
         raise RecordError("corrupt", "decoded length differs from the header")
     return raw
+
+
+def decompress_payload(stored: memoryview, header: RecordHeader, threads: int = 1) -> memoryview:
+    """The raw K‖V bytes of a stored payload (a view of it when uncompressed); `threads` > 1
+    decodes a zstd-grouped payload's frames and parts in parallel."""
+    if header.codec == CODEC_NONE:
+        return stored
+    if header.codec == CODEC_ZSTD_GROUPED:
+        try:
+            return memoryview(kvcodec.decode(stored, header.dtype, header.shape, threads))
+        except kvcodec.CorruptPayload as exc:
+            raise RecordError("corrupt", str(exc)) from exc
+    return memoryview(_byteplane_decompress(stored, header))
 
 
 def decode_into(

@@ -4,5 +4,18 @@ from .blocks import KVLayout, PrefixPlan, plan_prefix
 from .loader import load_prefix
 from .fingerprint import fingerprint
 from .generator import CachedGenerator, GenerationResult
+from .models import MODEL_NAMES, ModelUnavailable, encode_prompt, load_model
 
-__all__ = ["CachedGenerator", "GenerationResult", "KVLayout", "PrefixPlan", "fingerprint", "load_prefix", "plan_prefix"]
+__all__ = [
+    "MODEL_NAMES",
+    "CachedGenerator",
+    "GenerationResult",
+    "KVLayout",
+    "ModelUnavailable",
+    "PrefixPlan",
+    "encode_prompt",
+    "fingerprint",
+    "load_model",
+    "load_prefix",
+    "plan_prefix",
+]

@@ -146,6 +146,7 @@ class CachedGenerator:
         self.graphs = graphs if graphs is not None else next(model.parameters()).device.type == "cuda"
         self.model = model
         self.client = client
+        self.tokenizer = tokenizer
         self.block_size = block_size
         self.codec = codec
         self.publish = publish
@@ -162,10 +163,40 @@ class CachedGenerator:
         self._inflight: set[bytes] = set()  # segment keys queued for publishing
 
     def plan(self, tokens: list[int]) -> PrefixPlan:
+        """The block keys of `tokens` in this generator's namespace (what a lookup asks for)."""
         return plan_prefix(self.namespace, tokens, self.block_size)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **generate_kwargs: Any) -> GenerationResult:
-        ids = torch.as_tensor(input_ids)
+    def prompt_ids(self, prompt: Any) -> tuple[torch.Tensor, Any]:
+        """Token ids [1, T] of a prompt, and its attention mask if it came with one.
+
+        `prompt`: token ids (a tensor [T] or [1, T], or a list of ints), a tokenizer's output
+        (``BatchEncoding`` / dict with "input_ids", or a ``tokenizers.Encoding``), or text. Text is
+        encoded as is with the generator's tokenizer (no chat template: apply one first with
+        ``inference.models.encode_prompt(tokenizer, text, vocab, chat=True)``); without a tokenizer
+        each UTF-8 byte is a token (the tiny test models)."""
+        mask = None
+        if isinstance(prompt, str):
+            from .models import encode_prompt
+
+            vocab = self.model.config.get_text_config().vocab_size
+            return encode_prompt(self.tokenizer, prompt, vocab, chat=False), None
+        if hasattr(prompt, "ids") and not torch.is_tensor(prompt) and not isinstance(prompt, (list, tuple)):
+            prompt = prompt.ids  # tokenizers.Encoding
+        elif hasattr(prompt, "keys") and "input_ids" in prompt.keys():
+            prompt, mask = prompt["input_ids"], prompt.get("attention_mask")
+        return torch.as_tensor(prompt, dtype=torch.long), mask
+
+    def generate(self, input_ids: Any, max_new_tokens: int, **generate_kwargs: Any) -> GenerationResult:
+        """Generate up to `max_new_tokens` after the prompt, reusing its longest cached prefix.
+
+        `input_ids`: token ids, a tokenizer's output, or text (see ``prompt_ids``); batch size 1.
+        Extra keyword arguments go to the model's ``generate`` (e.g. ``do_sample=False``); the
+        cache arguments are this class's. The result says how many prompt tokens came from the
+        store (``cached_tokens``) and why the rest did not (``miss_reasons``); after a miss the new
+        blocks are published in the background (``result.published``, or ``flush()``)."""
+        ids, given_mask = self.prompt_ids(input_ids)
+        if given_mask is not None and "attention_mask" not in generate_kwargs:
+            generate_kwargs["attention_mask"] = given_mask
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError(f"CachedGenerator handles batch size 1, got input_ids of shape {tuple(ids.shape)}")
@@ -356,6 +387,7 @@ class CachedGenerator:
             future.result(timeout)
 
     def close(self) -> None:
+        """Wait for the publishes under way, then stop the publishing thread."""
         self.flush()
         self._pool.shutdown(wait=True)
 

@@ -46,6 +46,18 @@ class ModelUnavailable(RuntimeError):
     """The named model cannot be loaded here (package not installed, directory missing)."""
 
 
+def model_name(name: str) -> str:
+    """The known model `name` stands for (any case), or ModelUnavailable with the closest names."""
+    import difflib
+
+    wanted = name.strip().lower()
+    if wanted in MODEL_NAMES:
+        return wanted
+    close = difflib.get_close_matches(wanted, MODEL_NAMES, n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ModelUnavailable(f"unknown model {name!r}: {hint}use one of {', '.join(MODEL_NAMES)} or a directory")
+
+
 def load_model(
     name: str,
     dtype: torch.dtype = torch.float32,
@@ -54,7 +66,13 @@ def load_model(
     cache_dir: str = DEFAULT_CACHE_DIR,
     init_std: float = 0.15,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a model by name, or from a local directory PATH (Qwen3-4B, or any causal LM)."""
+    """(model, tokenizer) by name, or from a local directory PATH (Qwen3-4B, or any causal LM).
+
+    Names (any case): tiny-qwen3 and tiny-llama (random weights, no tokenizer: text becomes
+    UTF-8 bytes), smollm2 (SmolLM2-135M-Instruct, converted once into `cache_dir`),
+    qwen3-4b-random (Qwen3-4B's shapes, random weights)."""
+    if not os.path.isdir(name):
+        name = model_name(name)
     if name == "tiny-qwen3":
         model = random_model(Qwen3ForCausalLM, Qwen3Config(**TINY, rope_theta=10000.0), seed, init_std)
         tokenizer = None

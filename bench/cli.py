@@ -36,6 +36,13 @@ def _add_cost(p: argparse.ArgumentParser) -> None:
     p.add_argument("--egress-usd-per-gb", type=float, default=None, help="override the preset")
 
 
+def _add_codec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compress-from", default=None,
+                   help="directory with compress.json: judge again with its measured codec (zstd-grouped) on")
+    p.add_argument("--codec-ratio", type=float, default=None, help="compression ratio (overrides --compress-from)")
+    p.add_argument("--codec-decode-gbps", type=float, default=None, help="decode GB/s of raw KV (with --codec-ratio)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvbench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="scenario", required=True)
@@ -44,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     _add_cost(e)
     e.add_argument("--from", dest="from_dir", default=None, help="directory with other scenarios' JSON")
+    _add_codec(e)
 
     t = sub.add_parser("transport", help="gRPC vs raw socket throughput on loopback")
     _add_common(t)
@@ -59,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the tokens actually moved; times extrapolate linearly (quick 0.1)")
     g.add_argument("--transport", choices=["grpc", "socket"], default="grpc")
     g.add_argument("--loopback-only", action="store_true", help="skip the namespace links")
+    _add_codec(g)
 
     r = sub.add_parser("reuse", help="prefill vs reuse (fetch + rest + first token) per transport")
     _add_common(r)
@@ -125,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_economics(args) -> None:
     from . import econ_scenario
 
-    write_report(econ_scenario.run(econ_scenario.cost_preset(args), args.from_dir), args.out)
+    write_report(econ_scenario.run(econ_scenario.cost_preset(args), args.from_dir, econ_scenario.compression(args)),
+                 args.out)
 
 
 def _run_transport(args) -> None:
@@ -142,7 +152,7 @@ def _run_topology(args) -> None:
 
     scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
     p = topology.TopologyParams(tokens=args.tokens, scale=scale, transport=args.transport,
-                                loopback_only=args.loopback_only)
+                                loopback_only=args.loopback_only, codec=econ_scenario.compression(args))
     write_report(topology.run(p, econ_scenario.cost_preset(args), progress=not args.no_progress), args.out)
 
 

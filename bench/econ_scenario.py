@@ -4,6 +4,7 @@ and, with --from DIR, beside what the other scenarios measured on this machine."
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from . import economics as ec
@@ -20,6 +21,49 @@ def cost_preset(args) -> ec.CostPreset:
                                  ("prefill_tokens_per_s", args.prefill_tps),
                                  ("egress_usd_per_gb", args.egress_usd_per_gb)) if v is not None}
     return dataclasses.replace(preset, name=preset.name + ("+custom" if changes else ""), **changes) if changes else preset
+
+
+def compression(args) -> ec.Compression | None:
+    """The codec to judge with: --codec-ratio/--codec-decode-gbps, else the zstd-grouped figures of
+    compress.json in --compress-from (or economics' --from) when there is one."""
+    if getattr(args, "codec_ratio", None):
+        gbps = args.codec_decode_gbps or math.inf
+        return ec.Compression("codec", args.codec_ratio, gbps * 1e9)
+    folder = getattr(args, "compress_from", None) or getattr(args, "from_dir", None)
+    measured = compress_headline(folder) if folder else None
+    if not measured:
+        return None
+    return ec.Compression("zstd-grouped", measured["ratio"], measured["decode_gbps_1_thread"] * 1e9)
+
+
+def compress_headline(folder: str) -> dict | None:
+    from .compress import headline
+
+    result = load_result(folder, "compress")
+    return headline(result["results"]) if result else None
+
+
+def compression_figures(preset: ec.CostPreset, codec: ec.Compression, bounds: dict | None) -> dict:
+    """Egress per load with the codec on, and the ratio from which shipping across providers pays."""
+    nbytes = ec.kv_bytes(DOC)
+    prefill_s = ec.prefill_seconds(DOC, preset.prefill_tokens_per_s)
+    prefill_cost = ec.prefill_usd(DOC, preset.prefill_tokens_per_s, preset.gpu_usd_per_hour)
+    egress = ec.egress_usd(codec.stored_bytes(nbytes), preset.egress_usd_per_gb)
+    cross_bps = 100e6
+    raw_fetch_s = nbytes * 8 / cross_bps
+    fetch_s = ec.compressed_fetch_seconds(raw_fetch_s, nbytes, codec)
+    args = (nbytes, prefill_s, preset.gpu_usd_per_hour, preset.egress_usd_per_gb)
+    return {
+        "codec": dataclasses.asdict(codec), "egress_usd_per_load": egress, "egress_over_prefill": egress / prefill_cost,
+        "cross_provider_100mbit": dataclasses.asdict(
+            ec.fetch_or_recompute(fetch_s, egress, prefill_s, preset.gpu_usd_per_hour)),
+        "break_even_ratio_any_bandwidth": ec.break_even_ratio(*args),
+        "break_even_ratio_100mbit": ec.break_even_ratio(*args, bps=cross_bps, decode_s=codec.decode_seconds(nbytes)),
+        "break_even_ratio_by_preset": {
+            name: ec.break_even_ratio(nbytes, ec.prefill_seconds(DOC, q.prefill_tokens_per_s), q.gpu_usd_per_hour,
+                                      q.egress_usd_per_gb) for name, q in ec.PRESETS.items()},
+        "entropy_bounds": bounds or {},
+    }
 
 
 def model_figures(preset: ec.CostPreset) -> dict:
@@ -99,9 +143,33 @@ def _rows(m: dict, meas: dict, preset: ec.CostPreset) -> list[list]:
     return rows
 
 
-def run(preset: ec.CostPreset, from_dir: str | None = None) -> Report:
+def _compression_rows(c: dict, preset: ec.CostPreset) -> list[list]:
+    codec, bounds = c["codec"], c["entropy_bounds"]
+    best_bound = max(bounds.values()) if bounds else None
+    rows = [
+        [f"lossless codec ({codec['name']}, measured)", "", "",
+         f"{codec['ratio']:.3f}x, decode {codec['decode_bytes_per_s'] / 1e9:.2f} GB/s (1 thread)"],
+        ["egress per load, codec on", "", f"${c['egress_usd_per_load']:.4f} ({c['egress_over_prefill']:.2f}x the prefill)", ""],
+        [f"cross-provider 100 Mbit, codec on ({preset.name})", "", f"{c['cross_provider_100mbit']['fetch_seconds']:.3g} s, "
+         f"${c['cross_provider_100mbit']['fetch_usd']:.4f} -> {c['cross_provider_100mbit']['verdict']}", ""],
+        ["break-even ratio for shipping across providers", "", ", ".join(
+            f"{name} {r:.3g}x" for name, r in c["break_even_ratio_by_preset"].items()) + " (any bandwidth); "
+         f"{c['break_even_ratio_100mbit']:.3g}x at 100 Mbit ({preset.name})", ""],
+    ]
+    if best_bound:
+        rows.append(["entropy bound (best lossless model, SmolLM2 bf16)", "", "",
+                     f"{best_bound:.3f}x: below every break-even ratio" if best_bound < min(
+                         c["break_even_ratio_by_preset"].values()) else f"{best_bound:.3f}x"])
+    return rows
+
+
+def run(preset: ec.CostPreset, from_dir: str | None = None, codec: ec.Compression | None = None) -> Report:
     m = model_figures(preset)
     meas = measured_figures(from_dir)
+    folder = from_dir
+    headline = compress_headline(folder) if folder else None
+    if codec:
+        m["compression"] = compression_figures(preset, codec, headline["bounds"] if headline else None)
     notes = [
         "Derivations are in bench/economics.py. The paper's $0.049 is 0.54 GB x $0.09; the exact 556.5 MB costs $0.050.",
         f"Preset `{preset.name}`: ${preset.gpu_usd_per_hour}/GPU-hour, {preset.prefill_tokens_per_s:.1f} prefill tok/s "
@@ -142,8 +210,14 @@ def run(preset: ec.CostPreset, from_dir: str | None = None) -> Report:
         ax2.set_title("Reuse speed-up", fontsize=9)
 
     figures = {"preset": dataclasses.asdict(preset), "model": m, "measured": meas}
+    rows = _rows(m, meas, preset) + (_compression_rows(m["compression"], preset) if codec else [])
+    if codec:
+        notes.append("Compression: the codec's measured ratio shrinks the bytes billed and moved; decode time is added "
+                     "after the transfer. Break-even ratio = egress / prefill cost at an infinitely fast link (more on a "
+                     "real one: the GPU waits for the transfer). Lossless compression cannot reach it: the entropy "
+                     "bound of the best model here is below it (kvbench compress).")
     return Report("economics", {"preset": preset.name, "from": from_dir}, figures,
-                  Table(["quantity", "paper", "cost model", "measured here"], _rows(m, meas, preset)),
+                  Table(["quantity", "paper", "cost model", "measured here"], rows),
                   notes, plot, "Economics: the cost model against the paper and this machine")
 
 

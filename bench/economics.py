@@ -219,3 +219,41 @@ def provider_break_even_reads(tariff: CacheTariff) -> float:
     full input price every time: w + (N - 1) r <= N  =>  N >= (w - r) / (1 - r)."""
     w, r = tariff.cache_write_multiplier, tariff.cached_read_multiplier
     return (w - r) / (1 - r)
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A lossless codec as the cost model sees it: bytes shrink by `ratio`; decoding costs
+    `decode_bytes_per_s` of raw KV (measured by `kvbench compress`)."""
+
+    name: str
+    ratio: float
+    decode_bytes_per_s: float
+
+    def stored_bytes(self, raw_bytes: float) -> float:
+        return raw_bytes / self.ratio
+
+    def decode_seconds(self, raw_bytes: float) -> float:
+        return raw_bytes / self.decode_bytes_per_s
+
+
+def compressed_fetch_seconds(raw_seconds: float, raw_bytes: float, codec: Compression) -> float:
+    """A fetch measured on raw bytes, with compression on: the link moves 1/ratio of the bytes, then
+    the client decodes (not overlapped with the transfer: the conservative case)."""
+    return raw_seconds / codec.ratio + codec.decode_seconds(raw_bytes)
+
+
+def break_even_ratio(raw_bytes: float, prefill_s: float, gpu_usd_per_hour: float, egress_usd_per_gb: float,
+                     bps: float | None = None, decode_s: float = 0.0) -> float:
+    """The compression ratio from which fetching beats recomputing (fetch_or_recompute's rule, both
+    faster and cheaper): egress + GPU time of a fetch of raw/r bytes at `bps` (None: infinitely fast)
+    plus `decode_s` must stay under the prefill's time and cost. inf when no ratio is enough."""
+    prefill_cost = gpu_usd(prefill_s, gpu_usd_per_hour)
+    budget_s = prefill_s - decode_s
+    budget_usd = prefill_cost - gpu_usd(decode_s, gpu_usd_per_hour)
+    if budget_s <= 0 or budget_usd <= 0:
+        return math.inf
+    per_byte_usd = egress_usd_per_gb / GB + (gpu_usd(8 / bps, gpu_usd_per_hour) if bps else 0.0)
+    by_cost = raw_bytes * per_byte_usd / budget_usd
+    by_time = raw_bytes * 8 / bps / budget_s if bps else 0.0
+    return max(by_cost, by_time, 1.0)

@@ -46,6 +46,7 @@ class TopologyParams:
     scale: float = 1.0
     transport: str = "grpc"  # or "socket": time the raw socket probe instead of a gRPC fetch
     loopback_only: bool = False
+    codec: ec.Compression | None = None  # judge each link again with this codec on (kvbench compress)
 
     @property
     def measured_tokens(self) -> int:
@@ -83,7 +84,9 @@ def _link_row(pl: Placement, m: dict, p: TopologyParams, preset: ec.CostPreset) 
         q_egress = ec.egress_usd(nbytes, q.egress_usd_per_gb) if pl.egress_usd_per_gb else 0.0
         q_prefill = ec.prefill_seconds(p.tokens, q.prefill_tokens_per_s)
         by_preset[name] = ec.fetch_or_recompute(fetch_s, q_egress, q_prefill, q.gpu_usd_per_hour).verdict
+    compressed = _compressed(p.codec, pl, fetch_s, nbytes, prefill_s, preset) if p.codec else None
     return {
+        "compressed": compressed,
         "name": pl.name, "configured_bps": pl.rate_bps, "measured_bps": m["measured_bps"],
         "socket_bps": m["socket_bps"],
         "shaping_ratio": m["socket_bps"] / pl.rate_bps if pl.rate_bps else None,
@@ -91,6 +94,22 @@ def _link_row(pl: Placement, m: dict, p: TopologyParams, preset: ec.CostPreset) 
         "prefill_seconds": prefill_s, "prefill_usd": v.prefill_usd, "verdict": v.verdict,
         "verdict_by_preset": by_preset, "reads": m["reads"],
     }
+
+
+def _compressed(codec: ec.Compression, pl: Placement, fetch_s: float, nbytes: int, prefill_s: float,
+                preset: ec.CostPreset) -> dict:
+    """The link with the codec on: 1/ratio of the bytes cross it (and are billed), then they are decoded;
+    and the ratio from which fetching would win on this link."""
+    seconds = ec.compressed_fetch_seconds(fetch_s, nbytes, codec)
+    egress = ec.egress_usd(codec.stored_bytes(nbytes), pl.egress_usd_per_gb)
+    v = ec.fetch_or_recompute(seconds, egress, prefill_s, preset.gpu_usd_per_hour)
+    link_bps = nbytes * 8 / fetch_s
+    break_even = ec.break_even_ratio(nbytes, prefill_s, preset.gpu_usd_per_hour, pl.egress_usd_per_gb, link_bps,
+                                     codec.decode_seconds(nbytes))
+    return {"codec": codec.name, "ratio": codec.ratio, "fetch_seconds": seconds, "egress_usd": egress,
+            "fetch_usd": v.fetch_usd, "verdict": v.verdict, "break_even_ratio": break_even,
+            "break_even_ratio_free_decode": ec.break_even_ratio(nbytes, prefill_s, preset.gpu_usd_per_hour,
+                                                                pl.egress_usd_per_gb, link_bps)}
 
 
 def measure(p: TopologyParams, preset: ec.CostPreset, progress: bool = True) -> tuple[list[dict], str | None]:
@@ -155,8 +174,13 @@ def report(p: TopologyParams, preset: ec.CostPreset, rows: list[dict], skipped: 
                  "measured_bps is the fetch itself (gRPC, or the LMDB map for the first link).")
     table_rows = [[r["name"], _fmt_bps(r["configured_bps"]), _fmt_bps(r["measured_bps"]), _fmt_bps(r["socket_bps"]),
                    r["fetch_seconds"], r["egress_usd"], r["prefill_seconds"], r["prefill_usd"], r["verdict"],
-                   r["verdict_by_preset"]["h100"]]
+                   r["verdict_by_preset"]["h100"]] + (_codec_cells(r["compressed"]) if p.codec else [])
                   for r in rows]
+    if p.codec:
+        notes.append(f"With {p.codec.name} on ({p.codec.ratio:.3f}x, decode {p.codec.decode_bytes_per_s / 1e9:.2f} GB/s, "
+                     "measured by kvbench compress): 1/ratio of the bytes cross the link and are billed, decoding is "
+                     "added after the transfer. Break-even ratio: the ratio from which fetching would win on that link "
+                     "(decode time counted; inf: decoding alone takes longer than the prefill).")
 
     def plot(fig) -> None:
         ax = fig.add_subplot(1, 1, 1)
@@ -172,8 +196,14 @@ def report(p: TopologyParams, preset: ec.CostPreset, rows: list[dict], skipped: 
 
     headers = ["link", "configured", "measured (fetch)", "socket probe", "fetch s", "egress $",
                "prefill s", "prefill $", "verdict", "verdict (h100 preset)"]
+    if p.codec:
+        headers += [f"fetch s ({p.codec.name})", "egress $ (codec)", "verdict (codec)", "break-even ratio"]
     return Report("topology", {**asdict(p), "preset": preset.name}, figures, Table(headers, table_rows),
                   notes, plot, "Topology: fetch or recompute, per placement")
+
+
+def _codec_cells(c: dict) -> list:
+    return [c["fetch_seconds"], c["egress_usd"], c["verdict"], c["break_even_ratio"]]
 
 
 def _fmt_bps(bps: float | None) -> str:

@@ -32,8 +32,8 @@ demo-vllm: venv
 test: venv
 	$(PY) -m pytest -q
 
-bench: venv
-	$(VENV)/bin/kvbench all --quick --out bench/results/quick
+bench: venv  # results in bench/out/quick (untracked); exit 3 if a target is not met
+	$(VENV)/bin/kvbench all --quick --out bench/out/quick
 
 clean:
 	rm -rf $(VENV) kvproto/_pb/kvcache .pytest_cache

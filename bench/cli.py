@@ -7,11 +7,19 @@ vs redis, Mooncake Store, safetensors files and a raw socket, same blocks), vllm
 no connector, this store's connector, vLLM's ExampleConnector and Mooncake's; not in `all`), compress (lossless
 codecs on real KV beside the entropy bound; not in `all`), all (transport,
 topology, stripe, peers, reuse, load, then economics over their results).
+
+Results go to an untracked folder by default (bench/out, git-ignored); the committed ones under
+bench/results/ are refreshed only on purpose (`--out bench/results/quick`). Exit status: 0, or 3
+when a target a scenario checks is not met (listed on stderr; `--targets warn` reports them
+and exits 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,12 +28,15 @@ from .economics import PRESETS
 from .report import write_report
 
 DEFAULT_OUT = "bench/out"
+TARGETS_NOT_MET = 3
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--quick", action="store_true", help="small sizes: seconds, not minutes")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--targets", choices=("fail", "warn"), default="fail",
+                   help="a target not met: exit 3 (fail, the default) or only say so (warn)")
 
 
 def _add_cost(p: argparse.ArgumentParser) -> None:
@@ -68,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transport", choices=["grpc", "socket"], default="grpc")
     g.add_argument("--loopback-only", action="store_true", help="skip the namespace links")
     _add_codec(g)
+    g.add_argument("--rejudge", default=None, metavar="DIR",
+                   help="judge the links of DIR/topology.json again (with the codec on) instead of measuring")
 
     r = sub.add_parser("reuse", help="prefill vs reuse (fetch + rest + first token) per transport")
     _add_common(r)
@@ -153,7 +166,8 @@ def _run_topology(args) -> None:
     scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
     p = topology.TopologyParams(tokens=args.tokens, scale=scale, transport=args.transport,
                                 loopback_only=args.loopback_only, codec=econ_scenario.compression(args))
-    write_report(topology.run(p, econ_scenario.cost_preset(args), progress=not args.no_progress), args.out)
+    write_report(topology.run(p, econ_scenario.cost_preset(args), progress=not args.no_progress, rejudge=args.rejudge),
+                 args.out)
 
 
 def _run_reuse(args) -> None:
@@ -243,7 +257,8 @@ def _run_compress(args) -> None:
 
 
 def _run_all(args) -> None:
-    base = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--no-progress"] if args.no_progress else [])
+    base = ["--out", args.out, "--targets", "warn"] + (["--quick"] if args.quick else []) + \
+        (["--no-progress"] if args.no_progress else [])  # `all` itself judges the targets at the end
     for argv in (["transport"], ["topology"], ["stripe"], ["peers"], ["reuse"], ["load"], ["economics", "--from", args.out]):
         t0 = time.perf_counter()
         if argv[0] in ("reuse", "load"):
@@ -271,12 +286,42 @@ RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology":
            "compress": _run_compress, "all": _run_all}
 
 
+def unmet_targets(out: str, since: float) -> list[str]:
+    """The targets that the results written to `out` since `since` check and do not meet."""
+    unmet: list[str] = []
+    for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+        if os.path.getmtime(path) < since:
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        name = os.path.basename(path)[:-5]
+
+        def walk(node) -> None:
+            if isinstance(node, dict):
+                if node.get("meets_target") is False:
+                    unmet.append(f"{name}: target ratio {node.get('target_ratio')}")
+                if node.get("met") is False:
+                    unmet.append(f"{name}: {node.get('name', 'a target')}")
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(data)
+    return unmet
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    started = time.time() - 1.0  # file times have coarse resolution on some filesystems
     RUNNERS[args.scenario](args)
     if args.scenario != "all":
         print(f"kvbench: wrote {args.out}/{args.scenario}.{{json,md,png}}", file=sys.stderr)
-    return 0
+    unmet = unmet_targets(args.out, started)
+    for target in unmet:
+        print(f"kvbench: {'warning' if args.targets == 'warn' else 'error'}: NOT met: {target}", file=sys.stderr)
+    return TARGETS_NOT_MET if unmet and args.targets == "fail" else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", required=True, help="directory of the node's LMDB environment")
     serve.add_argument("--map-size-gb", type=float, default=8.0, help="LMDB map size (default 8)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    serve.add_argument("--metrics-listen", default=None,
+                       help="host /metrics binds (default: the host of --listen; 0.0.0.0 for every interface)")
     serve.add_argument("--node-id", default="", help="name reported by Stat (default: HOST:PORT)")
     serve.add_argument("--max-record-mb", type=float, default=256, help="largest record accepted")
     serve.add_argument("--no-sync", action="store_true", help="skip fsync on commit (faster, less durable)")
@@ -37,12 +39,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-port", type=int, default=0,
                        help="TCP port of the data plane for record reads (default 0: any free port; see Stat)")
     serve.add_argument("--no-data-plane", action="store_true", help="serve reads over gRPC only")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--stream-idle-seconds", type=float, default=30.0,
+                       help="end a Put or Get stream that makes no progress this long (default 30)")
+    serve.add_argument("--streams-per-tenant", type=int, default=8,
+                       help="concurrent Put/Get streams one tenant may hold (auth nodes; default 8)")
+    serve.add_argument("--streams-per-peer", type=int, default=32,
+                       help="concurrent Put/Get streams one client address may hold (default 32)")
+    serve.add_argument("--max-get-gb", type=float, default=4.0, help="payload one Get may send (default 4)")
+    serve.add_argument("--scrub-hours", type=float, default=24.0,
+                       help="walk and verify the whole file this often, in a child process (0: only at start)")
+    serve.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO, WARNING or ERROR")
+    rebuild = sub.add_parser("rebuild", help="set a damaged node's files aside (the node stopped), to refill "
+                                             "it from the replicas")
+    rebuild.add_argument("--data", required=True, help="directory of the node's LMDB environment")
+    rebuild.add_argument("--log-level", default="INFO", type=_log_level)
     migrate = sub.add_parser("migrate", help="convert a stopped node's records to the current format")
     migrate.add_argument("--data", required=True, help="directory of the node's LMDB environment")
     migrate.add_argument("--auth-tokens", default=None, help="the node's tokens file, if it ran with auth")
-    migrate.add_argument("--log-level", default="INFO")
+    migrate.add_argument("--log-level", default="INFO", type=_log_level)
     return parser
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def _check_range(flag: str, value: float | int | None, low: float, high: float | None = None,
+                 low_open: bool = False) -> None:
+    """One line naming the flag, the value and what it must be."""
+    if value is None:
+        return
+    bad = value != value or value < low or (low_open and value == low) or (high is not None and value > high)
+    if bad:
+        want = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
+        raise ValueError(f"{flag} must be {want}, got {value:g}")
 
 
 def check_listen(listen: str) -> str:
@@ -54,12 +89,22 @@ def check_listen(listen: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     check_listen(args.listen)
-    if not 0 < args.high_water <= 1:
-        raise ValueError(f"--high-water must be in (0, 1], got {args.high_water}")
-    if not 0 <= args.data_port <= 65535:
-        raise ValueError(f"--data-port must be in 0..65535, got {args.data_port}")
-    if args.tenant_quota_gb is not None and args.tenant_quota_gb <= 0:
-        raise ValueError(f"--tenant-quota-gb must be positive, got {args.tenant_quota_gb}")
+    if not args.data.strip():
+        raise ValueError("--data is empty: name the node's data directory")
+    _check_range("--high-water", args.high_water, 0, 1, low_open=True)
+    _check_range("--data-port", args.data_port, 0, 65535)
+    _check_range("--metrics-port", args.metrics_port, 0, 65535)
+    _check_range("--tenant-quota-gb", args.tenant_quota_gb, 0, low_open=True)
+    _check_range("--map-size-gb", args.map_size_gb, 0, 1 << 20, low_open=True)  # LMDB maps it: address space
+    _check_range("--max-record-mb", args.max_record_mb, 0, 1024, low_open=True)
+    _check_range("--stream-idle-seconds", args.stream_idle_seconds, 0, low_open=True)
+    _check_range("--streams-per-tenant", args.streams_per_tenant, 1)
+    _check_range("--streams-per-peer", args.streams_per_peer, 1)
+    _check_range("--max-get-gb", args.max_get_gb, 0, low_open=True)
+    _check_range("--scrub-hours", args.scrub_hours, 0)
+    for flag, path in (("--auth-tokens", args.auth_tokens), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
     return ServerConfig(
         listen=args.listen,
         data_dir=args.data,
@@ -75,17 +120,25 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         colocated={"auto": None, "on": True, "off": False}[args.colocated],
         data_port=None if args.no_data_plane else args.data_port,
         tenant_quota_bytes=int(args.tenant_quota_gb * (1 << 30)) if args.tenant_quota_gb is not None else None,
+        metrics_host=args.metrics_listen,
+        stream_idle_seconds=args.stream_idle_seconds,
+        streams_per_tenant=args.streams_per_tenant,
+        streams_per_peer=args.streams_per_peer,
+        max_get_bytes=int(args.max_get_gb * (1 << 30)),
+        scrub_hours=args.scrub_hours or None,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "rebuild":
+        return _rebuild(args)
     try:
         config = config_from_args(args)
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # our own one-line errors instead of C-core logs
@@ -98,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # lmdb errors and the like: one readable line
         print(f"kvstore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from .datadir import DataDirError
+    from .rebuild import set_aside
+
+    try:
+        moved = set_aside(args.data)
+    except (OSError, DataDirError) as exc:
+        print(f"kvstore rebuild: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"kvstore rebuild: {args.data}: damaged files moved to {moved}; start the node, then copy its "
+          f"records back from the replicas with `kvctl --nodes NODES repair`")
     return 0
 
 

@@ -23,7 +23,7 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [*grpc_channel_options(), ("grpc.so_reuseport", 0)]
+GRPC_OPTIONS = [*grpc_channel_options(), ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0)]
 
 
 @dataclass

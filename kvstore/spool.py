@@ -22,7 +22,7 @@ from kvproto.errors import QuotaExceeded
 
 from .storage import IncomingRecord
 
-MEMORY_BYTES = 8 << 20
+MEMORY_BYTES = 2 << 20  # per stream; the rest goes to the file
 
 
 @dataclass
@@ -34,9 +34,9 @@ class _Entry:
 
 
 class Spool:
-    def __init__(self, directory: str, memory_bytes: int = MEMORY_BYTES) -> None:
+    def __init__(self, directory: str, memory_bytes: int | None = None) -> None:
         self.directory = directory
-        self.memory_bytes = memory_bytes
+        self.memory_bytes = MEMORY_BYTES if memory_bytes is None else memory_bytes
         self._buf: bytearray | None = bytearray()
         self._file = None
         self.length = 0

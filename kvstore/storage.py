@@ -42,6 +42,7 @@ SETTLE_KEY = b"settled_at"
 # what a damaged page raises (BadTxn: what the same transaction answers after one)
 DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError)
 READER_CHECK_SECONDS = 2.0
+WRITE_ATTEMPTS = 4
 DISK_RESERVE = 1 << 20  # below this much free disk, a failed commit is a full disk
 
 
@@ -243,7 +244,11 @@ class Storage:
         """Bytes the file may grow to: its map size, or less when the disk holds less."""
         info = self.env.info()
         file_hw = (info["last_pgno"] + 1) * self.env.stat()["psize"]
-        return min(self._map_size, file_hw + max(0, self.disk_free() - DISK_RESERVE))
+        try:
+            on_disk = max(file_hw, os.path.getsize(data_file(self.path)))  # a failed commit may leave more
+        except OSError:
+            on_disk = file_hw
+        return min(self._map_size, on_disk + max(0, self.disk_free() - DISK_RESERVE))
 
     def _load_env_token(self) -> bytes:
         with self.env.begin(db=self.meta_db) as txn:
@@ -293,19 +298,31 @@ class Storage:
         groups = {group_id(tenant, rec.key) for rec in records}
         with self.write_lock, self._guard():
             self._check_disk(records, tenant)
-            try:
-                self.evictor.make_room(records, tenant, groups)
-                result = self._write(records, tenant)
-            except lmdb.MapFullError:
-                # pages pinned by a dead reader first, then eviction
-                if not self.reap_readers() and not self.evictor.after_map_full(records, tenant, groups):
-                    raise
-                result = self._write(records, tenant)
+            self.evictor.make_room(records, tenant, groups)
+            result = self._write_making_room(records, tenant, groups)
             try:
                 self.evictor.after_write(groups)
             except lmdb.MapFullError as exc:  # the batch is stored; the next write evicts again
                 log.warning("eviction after a write failed: %s", exc)
         return result
+
+    def _write_making_room(self, records: list[IncomingRecord], tenant: bytes, groups: set[bytes]) -> tuple[int, int]:
+        """Write; on a full map or disk, clear dead readers' slots or evict, and try again. Freed
+        pages come in scattered runs, so a big record may need a few rounds."""
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return self._write(records, tenant)
+            except lmdb.MapFullError:
+                if attempt + 1 == WRITE_ATTEMPTS:
+                    raise
+                if not self.reap_readers() and not self.evictor.after_map_full(records, tenant, groups):
+                    raise
+            except lmdb.Error:
+                if attempt + 1 == WRITE_ATTEMPTS or self.disk_free() >= DISK_RESERVE:
+                    raise
+                if not self.evictor.after_map_full(records, tenant, groups):
+                    raise
+        raise AssertionError("unreachable")
 
     def _check_disk(self, records: list[IncomingRecord], tenant: bytes) -> None:
         """Refuse up front a write the disk cannot take (without eviction to make room): a

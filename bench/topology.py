@@ -9,13 +9,13 @@ the co-located links run. With --scale < 1 fewer tokens move and times extrapola
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from tqdm import tqdm
 
 from . import economics as ec
 from .netns import LinkSpec, NetnsLab, skip_reason
-from .report import Report, Table
+from .report import Report, Table, load_result
 from .servers import kvstore_node, run_worker, socket_server
 
 NODE_PORT, SOCK_PORT = 7070, 7071
@@ -212,6 +212,28 @@ def _fmt_bps(bps: float | None) -> str:
     return f"{bps / 1e9:.2f} Gbit/s" if bps >= 1e9 else f"{bps / 1e6:.1f} Mbit/s"
 
 
-def run(p: TopologyParams, preset: ec.CostPreset, progress: bool = True) -> Report:
+def run(p: TopologyParams, preset: ec.CostPreset, progress: bool = True, rejudge: str | None = None) -> Report:
+    if rejudge:
+        return judge_again(p, preset, rejudge)
     rows, skipped = measure(p, preset, progress)
     return report(p, preset, rows, skipped)
+
+
+def judge_again(p: TopologyParams, preset: ec.CostPreset, folder: str) -> Report:
+    """The links of an earlier topology.json (what they measured does not depend on the codec),
+    judged again under `preset` and `p.codec`, without moving any bytes."""
+    old = load_result(folder, "topology")
+    if old is None:
+        raise SystemExit(f"kvbench topology: no topology.json in {folder}")
+    p = replace(p, tokens=old["tokens"], scale=old["measured_tokens"] / old["tokens"])
+    by_name = {pl.name: pl for pl in placements(preset.egress_usd_per_gb)}
+    rows = []
+    for link in old["links"]:
+        m = {"measured_seconds": link["fetch_seconds"] * p.measured_tokens / p.tokens,
+             "measured_bps": link["measured_bps"], "socket_bps": link["socket_bps"], "reads": link["reads"]}
+        rows.append(_link_row(by_name[link["name"]], m, p, preset))
+    out = report(p, preset, rows, old.get("netns_skipped"))
+    out.notes.append(f"Links as measured on {old['created']} (commit {str(old['env']['git_commit'])[:12]}), "
+                     "judged again here with the codec on (kvbench topology --rejudge).")
+    out.figures["rejudged_from"] = {"created": old["created"], "commit": old["env"]["git_commit"]}
+    return out

@@ -131,10 +131,11 @@ def test_other_weights_dtype_or_tenant_never_hit(local_store) -> None:
     assert same.generate(ids, 2, do_sample=False).cached_tokens == ids.shape[1] - 1
 
 
-def test_zstd_byteplane_codec_is_exact(store) -> None:
+@pytest.mark.parametrize("codec", ["zstd-byteplane", "zstd-grouped"])
+def test_compressed_records_are_exact(store, codec) -> None:
     model = tiny("tiny-llama", torch.bfloat16)
     ids = prompt(2 * BLOCK + 11, seed=6)
-    with CachedGenerator(model, store, block_size=BLOCK, codec="zstd-byteplane") as gen:
+    with CachedGenerator(model, store, block_size=BLOCK, codec=codec) as gen:
         gen.generate(ids, 2, do_sample=False)
         gen.flush()
         hit = gen.generate(ids, 24, do_sample=False)

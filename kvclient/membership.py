@@ -102,5 +102,9 @@ class Membership:
         """Replica order of every key of one request (computed once, used by every pass)."""
         return [self.replicas(key, i) for i, key in enumerate(keys)]
 
+    def is_down(self, node: str) -> bool:
+        """Whether `node` failed (or stayed silent) within the last DOWN_SECONDS."""
+        return self._down_until.get(node, 0.0) > time.monotonic()
+
     def mark_down(self, node: str) -> None:
         self._down_until[node] = time.monotonic() + DOWN_SECONDS

@@ -123,14 +123,25 @@ class ReplicaSet:
                        deadline: float) -> dict[str, object]:
         """call(node, indices, seconds left) on every node in parallel, bounded by `deadline`;
         failures are returned, not raised (the quorum rule judges them)."""
+        down = {node for node in work if self.membership.is_down(node)}
         futures = {node: self._submit(node, lambda n, i: call(n, i, self._left(n, deadline)), node, idx)
                    for node, idx in work.items()}
-        wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()) + 0.05)
+        wait([f for n, f in futures.items() if n not in down], timeout=max(0.0, deadline - time.monotonic()) + 0.05)
+        if down:  # a node that just failed gets a short grace once the others made the quorum
+            acks: dict[int, int] = defaultdict(int)
+            for node, future in futures.items():
+                if node not in down and future.done() and future.exception() is None:
+                    for i in work[node]:
+                        acks[i] += 1
+            quorum = all(acks[i] >= self.membership.write_quorum for idx in work.values() for i in idx)
+            left = max(0.0, deadline - time.monotonic())
+            wait([futures[n] for n in down], timeout=min(self.hedge_after, left) if quorum else left + 0.05)
         results: dict[str, object] = {}
         for node, future in futures.items():
             if not future.done():
-                outcome: object = Unavailable(f"{node}: DEADLINE_EXCEEDED: no answer within "
-                                              f"{self.timeout:g} s (is the node hung?)")
+                waited = f"{self.hedge_after:g} s (it failed just before)" if node in down else f"{self.timeout:g} s"
+                outcome: object = Unavailable(f"{node}: DEADLINE_EXCEEDED: no answer within {waited} "
+                                              f"(is the node hung?)")
             else:
                 outcome = future.exception() or future.result()
                 if isinstance(outcome, BaseException) and not isinstance(outcome, KVCacheError):

@@ -62,8 +62,16 @@ def test_every_get_within_3s_with_a_stopped_replica(stopped):
         batch = time.monotonic() - started
         assert client.exists(keys) == [True] * len(keys)
         assert client.replica_set.hedged > 0
-    print(f"stopped replica, timeout=2: slowest get {slowest:.2f} s, get_many of 60 {batch:.2f} s")
+        puts = []
+        for i, key in enumerate(_keys(5, "during-stop")):
+            started = time.monotonic()
+            client.put(key, _value(key))
+            puts.append(time.monotonic() - started)
+        assert client.hints.pending() > 0  # owed to the stopped node
+    print(f"stopped replica, timeout=2: slowest get {slowest:.2f} s, get_many of 60 {batch:.2f} s, "
+          f"puts {', '.join(f'{p:.2f}' for p in puts)} s")
     assert slowest < 3.0 and batch < 3.0
+    assert max(puts) < 2.5 and sorted(puts)[2] < 1.0  # a node that just failed gets a short grace
 
 
 def test_stuck_gets_do_not_delay_keys_on_healthy_nodes(stopped):

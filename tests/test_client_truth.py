@@ -14,8 +14,8 @@ import time
 import pytest
 
 from kvclient import Client
-from kvclient.node import NodeConnection
 from kvclient.tombstones import tombstone_key
+from tests.test_healing import _copies
 
 
 def _keys(n: int, tag: str) -> list[bytes]:
@@ -24,16 +24,6 @@ def _keys(n: int, tag: str) -> list[bytes]:
 
 def _value(key: bytes) -> bytes:
     return key * 64
-
-
-def _copies(addresses: list[str], keys: list[bytes]) -> list[int]:
-    counts = [0] * len(keys)
-    for address in addresses:
-        conn = NodeConnection(address)
-        for i, present in enumerate(conn.lookup(keys, 10)):
-            counts[i] += present
-        conn.close()
-    return counts
 
 
 # ---- deadlines -------------------------------------------------------------------------------

@@ -19,14 +19,15 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from kvproto import record
-from kvproto.errors import Corrupt, KVCacheError, Unavailable
+from kvproto.errors import KVCacheError, Unavailable
 
 from kvproto.store import Sink
 
 from .healing import HintQueue
+from .hedged import Attempt, Read, in_rank_order
 from .membership import Membership
 from .node import Credentials, NodeConnection
 from .tombstones import VALUE as TOMBSTONE, tombstone_key
@@ -44,30 +45,6 @@ def by_rank(orders: Sequence[Sequence[str]], pending: Iterable[int], rank: int) 
         if rank < len(owners):
             work[owners[rank]].append(i)
     return work
-
-
-class _Read:
-    """One read call's shared state: answers land under `lock` until `done` (late ones drop)."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.lock = threading.Lock()
-        self.done = False
-        self.answered: set[int] = set()
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-class _Attempt:
-    """One request to one node inside a read: when it last showed progress, whether hedged."""
-
-    __slots__ = ("node", "idx", "seen", "hedged")
-
-    def __init__(self, node: str, idx: list[int]) -> None:
-        self.node, self.idx = node, idx
-        self.seen = time.monotonic()
-        self.hedged = False
 
 
 def _check_bytes(items: Sequence[tuple[bytes, object]]) -> None:
@@ -250,94 +227,10 @@ class ReplicaSet:
 
     # ---- reads --------------------------------------------------------------------------
     def _in_rank_order(self, orders: Sequence[Sequence[str]], indices: Iterable[int],
-                       ask: Callable[[str, list[int], _Read, _Attempt], None], settled: Callable[[int], bool]) -> None:
-        """ask(node, key indices, call, attempt) of each key's replicas in order until settled(i),
-        hedging silent replicas; raise Unavailable for the keys no replica answered (the one
-        miss rule of every read). Answers after the call ended are dropped by `ask`."""
-        pending = list(indices)
-        if not pending:
-            return
-        call = _Read(time.monotonic() + self.timeout)
-        next_rank = dict.fromkeys(pending, 0)
-        outstanding: dict[int, int] = defaultdict(int)
-        inflight: dict[Future, _Attempt] = {}
-        errors: list[KVCacheError] = []
-
-        def launch(idx: Iterable[int]) -> None:
-            work: dict[str, list[int]] = defaultdict(list)
-            for i in idx:
-                rank = next_rank[i]
-                if rank < len(orders[i]):
-                    work[orders[i][rank]].append(i)
-                    next_rank[i] = rank + 1
-                    outstanding[i] += 1
-            for node, keys in work.items():
-                attempt = _Attempt(node, keys)
-                if not inflight and len(work) == 1 and all(next_rank[i] == len(orders[i]) for i in keys):
-                    future: Future = Future()  # nothing to hedge to: no thread hop
-                    try:
-                        future.set_result(ask(node, keys, call, attempt))
-                    except BaseException as exc:  # noqa: BLE001 - judged below like a pool call's
-                        future.set_exception(exc)
-                else:
-                    future = self._submit(node, ask, node, keys, call, attempt)
-                inflight[future] = attempt
-
-        def waiting() -> bool:
-            """Whether a key is still to be decided by an attempt in flight: one that shows life,
-            or a silent one when no other replica answered the key (it is the last hope)."""
-            live = {i for a in inflight.values() if not a.hedged for i in a.idx}
-            silent = {i for a in inflight.values() if a.hedged for i in a.idx}
-            return any(not settled(i) and (i in live or (i in silent and i not in call.answered)) for i in pending)
-
-        try:
-            launch(pending)
-            while inflight and waiting():
-                now = time.monotonic()
-                if now >= call.deadline:
-                    break
-                quiet = [a.seen + self.hedge_after for a in inflight.values() if not a.hedged]
-                until = min([call.deadline, *quiet])
-                done, _ = wait(list(inflight), timeout=max(0.0, until - now), return_when=FIRST_COMPLETED)
-                advance: list[int] = []
-                for future in done:
-                    attempt = inflight.pop(future)
-                    exc = future.exception()
-                    if exc is not None:
-                        if not isinstance(exc, KVCacheError):
-                            raise exc
-                        if isinstance(exc, Unavailable):
-                            self.membership.mark_down(attempt.node)
-                        elif not isinstance(exc, Corrupt):
-                            raise exc  # a request the cluster refuses (bad key, auth): no replica cures it
-                        log.debug("node %s failed: %s", attempt.node, exc)
-                        errors.append(exc)
-                    for i in attempt.idx:
-                        outstanding[i] -= 1
-                        if outstanding[i] == 0 and not settled(i):
-                            advance.append(i)
-                now = time.monotonic()
-                for attempt in inflight.values():
-                    if not attempt.hedged and now - attempt.seen >= self.hedge_after:
-                        attempt.hedged = True
-                        silent = [i for i in attempt.idx if not settled(i) and next_rank[i] < len(orders[i])]
-                        if silent:
-                            self.membership.mark_down(attempt.node)
-                            self.hedged += len(silent)
-                            log.debug("%s silent for %.2f s: %d keys hedged", attempt.node, self.hedge_after, len(silent))
-                            advance.extend(silent)
-                launch(dict.fromkeys(advance))
-        finally:
-            with call.lock:
-                call.done = True
-        unanswered = [i for i in pending if not settled(i) and i not in call.answered]
-        if unanswered:
-            silent = sorted({a.node for a in inflight.values()})
-            last = errors[-1] if errors else None
-            why = f"; last error: {last}" if last else ""
-            if silent:
-                why += f"; no answer within {self.timeout:g} s from {', '.join(silent)}"
-            raise Unavailable(f"{len(unanswered)} keys: no replica answered{why}") from last
+                       ask: Callable[[str, list[int], Read, Attempt], None], settled: Callable[[int], bool]) -> None:
+        """The one read loop (``kvclient.hedged.in_rank_order``) on this set's per-node threads."""
+        self.hedged += in_rank_order(self._submit, self.membership.mark_down, self.timeout, self.hedge_after,
+                                     orders, indices, ask, settled)
 
     def fetch(self, keys: Sequence[bytes], orders: Sequence[Sequence[str]], indices: Iterable[int],
               results: list[bytes | None], sink: Sink | None = None) -> None:
@@ -350,7 +243,7 @@ class ReplicaSet:
         lacking: dict[int, list[str]] = defaultdict(list)  # replicas that answered missing/corrupt
         owed: dict[int, bytes] = {}  # what read repair writes back
 
-        def ask(node: str, idx: list[int], call: _Read, attempt: _Attempt) -> None:
+        def ask(node: str, idx: list[int], call: Read, attempt: Attempt) -> None:
             entries = self.conn(node).get([keys[i] for i in idx], self._left(node, call.deadline), reuse=sink is not None)
             for j, value, corrupt in entries:
                 attempt.seen = time.monotonic()
@@ -381,7 +274,7 @@ class ReplicaSet:
                 present: list[bool]) -> None:
         """Set present[i] for `indices` by Lookup over their replicas (same miss rule as fetch)."""
 
-        def ask(node: str, idx: list[int], call: _Read, attempt: _Attempt) -> None:
+        def ask(node: str, idx: list[int], call: Read, attempt: Attempt) -> None:
             answer = self.conn(node).lookup([keys[i] for i in idx], self._left(node, call.deadline))
             with call.lock:
                 if call.done:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import zstandard
 
-from . import kvcodec
 
 MAGIC = b"KVB1"
 VERSION = 2
@@ -36,6 +35,17 @@ HEADER_SIZE = HEADER.size  # 64
 CODEC_NONE = 0
 CODEC_ZSTD_BYTEPLANE = 1
 CODEC_ZSTD_GROUPED = 2  # inference/kvcodec.py; its payload carries its own format version
+
+
+def _kvcodec():
+    """inference.kvcodec, imported on first use: its compiled kernels pull in numba/llvmlite,
+    whose module objects break vLLM's kernel scan at engine start (vLLM 0.32 CPU), so a process
+    that never uses the codec never imports them."""
+    from . import kvcodec
+
+    return kvcodec
+
+
 CODECS = {"none": CODEC_NONE, "zstd-byteplane": CODEC_ZSTD_BYTEPLANE, "zstd-grouped": CODEC_ZSTD_GROUPED}
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -89,7 +99,7 @@ def encode(keys: torch.Tensor, values: torch.Tensor, layer: int, codec: str = "n
 def compress_payload(raw: bytes, dtype: torch.dtype, shape: tuple[int, int, int, int], codec: int) -> bytes:
     """The stored form of the raw K‖V bytes under a codec id."""
     if codec == CODEC_ZSTD_GROUPED:
-        return kvcodec.encode(raw, dtype, shape)
+        return _kvcodec().encode(raw, dtype, shape)
     return _byteplane_compress(raw, _itemsize(dtype)) if codec == CODEC_ZSTD_BYTEPLANE else raw
 
 
@@ -132,8 +142,8 @@ def decompress_payload(stored: memoryview, header: RecordHeader, threads: int = 
         return stored
     if header.codec == CODEC_ZSTD_GROUPED:
         try:
-            return memoryview(kvcodec.decode(stored, header.dtype, header.shape, threads))
-        except kvcodec.CorruptPayload as exc:
+            return memoryview(_kvcodec().decode(stored, header.dtype, header.shape, threads))
+        except _kvcodec().CorruptPayload as exc:
             raise RecordError("corrupt", str(exc)) from exc
     return memoryview(_byteplane_decompress(stored, header))
 

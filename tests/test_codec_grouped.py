@@ -4,8 +4,12 @@ compresses, with each codec, is token-exact: tests/test_inference.py::test_compr
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from hypothesis import strategies as st
 from bench.compress_data import entropy_bits, model_kv, records
 from inference import kvcodec
 from inference.codec import CODECS, HEADER_SIZE, RecordError, decode_into, encode, parse_header, raw_payload
+from inference.kvcodec_kernel import or_fields
 from inference.models import DEFAULT_CACHE_DIR, ModelUnavailable
 
 ALL_CODECS = sorted(CODECS)
@@ -121,3 +126,56 @@ def test_a_damaged_zstd_grouped_payload_is_a_corrupt_record_or_other_bytes(where
         decode_into(bytes(record), dest)
     except RecordError as exc:
         assert exc.reason == "corrupt"  # anything else (the store's digest catches wrong bytes)
+
+
+# written by payload v1 (zstd byte planes for the low field) from SmolLM2 layer 3, tokens 0-127: keys in
+# channel groups, values token-major; the sha256 is of the raw K‖V bytes
+V1_RECORD = Path(__file__).parent / "data" / "zstd_grouped_v1_smollm2_layer3.kvb"
+V1_RAW_SHA256 = "5a31acc2a4c81f2b32442987dea9ea09643c61eff4be32fac24770ff06e6756b"
+
+
+def test_a_payload_v1_record_still_decodes() -> None:
+    record = V1_RECORD.read_bytes()
+    header = parse_header(record)
+    payload = memoryview(record)[HEADER_SIZE:]
+    assert payload[0] == 1 and kvcodec.VERSION == 2
+    assert [p.layout for p in kvcodec.parse(payload, header.shape)] == [kvcodec.CHANNEL_GROUPS, kvcodec.TOKEN_MAJOR]
+    for threads in (1, 2):
+        raw = kvcodec.decode(payload, header.dtype, header.shape, threads=threads)
+        assert hashlib.sha256(raw.tobytes()).hexdigest() == V1_RAW_SHA256
+    dest = torch.empty(header.shape, dtype=header.dtype)
+    decode_into(record, dest, layer=3)
+    assert hashlib.sha256(dest.view(torch.uint8).numpy().tobytes()).hexdigest() == V1_RAW_SHA256
+
+
+def test_zstd_grouped_decodes_into_a_callers_buffer() -> None:
+    k, v = _tensor("normal", torch.bfloat16, (3, 256, 64), 3), _tensor("normal", torch.bfloat16, (3, 256, 64), 4)
+    record = encode(k, v, 0, "zstd-grouped")
+    header = parse_header(record)
+    payload = memoryview(record)[HEADER_SIZE:]
+    buffer = np.full(header.raw_length, 0xAB, dtype=np.uint8)
+    assert kvcodec.decode(payload, header.dtype, header.shape, out=buffer) is not None
+    assert buffer.tobytes() == bytes(raw_payload(record, header))
+    with pytest.raises(ValueError):
+        kvcodec.decode(payload, header.dtype, header.shape, out=np.empty(header.raw_length - 2, dtype=np.uint8))
+
+
+def test_repeated_rows_zstd_the_low_field_and_stay_exact() -> None:
+    """Layer-0 values repeat with their token: there zstd on the low field pays (elsewhere it is raw)."""
+    rows = _tensor("normal", torch.bfloat16, (2, 40, 64), 8)
+    k = _tensor("normal", torch.bfloat16, (2, 400, 64), 9)
+    v = rows.repeat(1, 10, 1)
+    record = _roundtrip(k, v, "zstd-grouped")
+    parts = kvcodec.parse(memoryview(record)[HEADER_SIZE:], (2, 2, 400, 64))
+    assert [p.low_zstd for p in parts] == [False, True]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4]), count=st.integers(1, 300), shift=st.integers(0, 12), seed=st.integers(0, 2**16))
+def test_packed_low_fields_unpack_exactly(bits, count, shift, seed) -> None:
+    values = np.random.default_rng(seed).integers(0, 1 << bits, count).astype(np.uint8)
+    packed = np.frombuffer(kvcodec.pack_fields(values, bits), dtype=np.uint8)
+    assert len(packed) == kvcodec.field_size(count, bits)
+    out = np.zeros(count, dtype=np.uint16)
+    or_fields(out, packed, bits, shift)
+    assert np.array_equal(out, values.astype(np.uint16) << shift)

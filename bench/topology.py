@@ -233,7 +233,9 @@ def judge_again(p: TopologyParams, preset: ec.CostPreset, folder: str) -> Report
              "measured_bps": link["measured_bps"], "socket_bps": link["socket_bps"], "reads": link["reads"]}
         rows.append(_link_row(by_name[link["name"]], m, p, preset))
     out = report(p, preset, rows, old.get("netns_skipped"))
-    out.notes.append(f"Links as measured on {old['created']} (commit {str(old['env']['git_commit'])[:12]}), "
+    # judged again from a file that was itself judged again: the links keep their first provenance
+    source = old.get("rejudged_from") or {"created": old["created"], "commit": old["env"]["git_commit"]}
+    out.notes.append(f"Links as measured on {source['created']} (commit {str(source['commit'])[:12]}), "
                      "judged again here with the codec on (kvbench topology --rejudge).")
-    out.figures["rejudged_from"] = {"created": old["created"], "commit": old["env"]["git_commit"]}
+    out.figures["rejudged_from"] = source
     return out

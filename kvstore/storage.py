@@ -28,6 +28,7 @@ from kvproto import record
 from kvproto.errors import Corrupt, QuotaExceeded
 
 from . import datadir, scrub
+from .upkeep import DISK_RESERVE, Upkeep
 from .eviction import EVICTED, Evictor
 from kvproto.integrity import data_file, file_check
 from .ledger import COUNT, Changes, Ledger, group_id
@@ -39,11 +40,7 @@ log = logging.getLogger(__name__)
 DATA_DB, META_DB, ENV_TOKEN, FORMAT_KEY = record.DATA_DB, record.META_DB, record.ENV_TOKEN, record.FORMAT_KEY
 LEDGER_VERSION = b"ledger_version"
 SETTLE_KEY = b"settled_at"
-# what a damaged page raises (BadTxn: what the same transaction answers after one)
-DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError)
-READER_CHECK_SECONDS = 2.0
 WRITE_ATTEMPTS = 4
-DISK_RESERVE = 1 << 20  # below this much free disk, a failed commit is a full disk
 
 
 class FormatError(ValueError):
@@ -82,7 +79,7 @@ class StorageStats:
     needs_rebuild: str = ""  # why the file must be rebuilt from the replicas; "" when sound
 
 
-class Storage:
+class Storage(Upkeep):
     """A single LMDB environment holding records. Thread-safe: one writer at a time."""
 
     def __init__(
@@ -164,91 +161,6 @@ class Storage:
                 self.ledger = Ledger(self.env, self.data_db)
                 self._dbs += [self.ledger.lru, self.ledger.usage_db]
                 self.evictor.start(self._open_ledger())
-
-    @staticmethod
-    def _scrub_reason(report: scrub.ScrubReport) -> str | None:
-        if report.ok:
-            if report.bad_records:
-                log.warning("scrub: %d of %d records fail their checks (each is a miss, repaired on write)",
-                            report.bad_records, report.records)
-            return None
-        return report.reason or "the scrub failed"
-
-    # ---- damage, dead readers, maintenance ----------------------------------------------
-    def _usable(self) -> None:
-        if self.damaged:
-            raise Corrupt(f"storage {self.path} needs a rebuild: {self.damaged}")
-
-    def mark_damaged(self, reason: str) -> None:
-        """Serve nothing more from this file (reads answer CORRUPT, writes DATA_LOSS)."""
-        if not self.damaged:
-            self.damaged = reason
-            log.error("%s needs a rebuild, serving nothing more from it: %s "
-                      "(`kvstore rebuild --data %s --from NODES` copies it back from the replicas)",
-                      self.path, reason, self.path)
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """A damaged page is DATA_LOSS and marks the file for a rebuild; a full disk or map is
-        RESOURCE_EXHAUSTED. Neither is INTERNAL."""
-        try:
-            yield
-        except lmdb.MapFullError as exc:
-            raise QuotaExceeded(f"store {self.path} is full (LMDB map size reached)") from exc
-        except DAMAGED as exc:
-            self.mark_damaged(f"{type(exc).__name__}: {exc}")
-            raise Corrupt(f"storage damaged: {exc}") from exc
-        except lmdb.Error as exc:
-            if self.disk_free() < DISK_RESERVE:
-                raise QuotaExceeded(f"disk full under {self.path} ({self.disk_free()} bytes free): "
-                                    f"{exc}") from exc
-            raise
-
-    def reap_readers(self) -> int:
-        """Clear the reader slots of dead processes (a co-located client killed inside a read
-        transaction would otherwise pin old pages for ever); how many were cleared."""
-        if self.env is None:
-            return 0
-        try:
-            cleared = self.env.reader_check()
-        except lmdb.Error as exc:
-            log.warning("reader check failed: %s", exc)
-            return 0
-        if cleared:
-            log.warning("cleared %d reader slot(s) left by dead processes", cleared)
-        return cleared
-
-    def _maintain(self, scrub_seconds: float | None) -> None:
-        next_scrub = time.monotonic() + scrub_seconds if scrub_seconds else None
-        while not self._stop.wait(READER_CHECK_SECONDS):
-            if self.damaged or self.env is None:
-                continue
-            self.reap_readers()
-            if next_scrub is not None and time.monotonic() >= next_scrub:
-                report = scrub.run(self.path, digests=True)
-                log.info("scrub of %s: %s, %d records (%d bad) in %.1f s", self.path,
-                         "sound" if report.ok else report.reason, report.records, report.bad_records,
-                         report.seconds)
-                if not report.ok:
-                    self.mark_damaged(report.reason)
-                next_scrub = time.monotonic() + scrub_seconds
-
-    def disk_free(self) -> int:
-        try:
-            st = os.statvfs(self.path)
-        except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
-
-    def capacity(self) -> int:
-        """Bytes the file may grow to: its map size, or less when the disk holds less."""
-        info = self.env.info()
-        file_hw = (info["last_pgno"] + 1) * self.env.stat()["psize"]
-        try:
-            on_disk = max(file_hw, os.path.getsize(data_file(self.path)))  # a failed commit may leave more
-        except OSError:
-            on_disk = file_hw
-        return min(self._map_size, on_disk + max(0, self.disk_free() - DISK_RESERVE))
 
     def _load_env_token(self) -> bytes:
         with self.env.begin(db=self.meta_db) as txn:

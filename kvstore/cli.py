@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-get-gb", type=float, default=4.0, help="payload one Get may send (default 4)")
     serve.add_argument("--scrub-hours", type=float, default=24.0,
                        help="walk and verify the whole file this often, in a child process (0: only at start)")
+    serve.add_argument("--market-admins", default="",
+                       help="tenants (comma-separated) that may mark listings failed and read every tenant's usage")
     serve.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO, WARNING or ERROR")
     rebuild = sub.add_parser("rebuild", help="set a damaged node's files aside (the node stopped), to refill "
                                              "it from the replicas")
@@ -126,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         streams_per_peer=args.streams_per_peer,
         max_get_bytes=int(args.max_get_gb * (1 << 30)),
         scrub_hours=args.scrub_hours or None,
+        market_admins=tuple(t for t in (args.market_admins or "").split(",") if t),
     )
 
 

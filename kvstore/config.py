@@ -42,6 +42,7 @@ class ServerConfig:
     unary_reserve: int = 16  # threads of the pool no bulk stream may take
     metrics_host: str | None = None  # where /metrics binds; None: the host of `listen`
     scrub_hours: float | None = 24.0  # a full scrub (digests too) this often; None: at start only
+    market_admins: tuple[str, ...] = ()  # tenants that may mark listings failed and read all usage
 
     def stream_guard(self):
         from .streams import StreamGuard

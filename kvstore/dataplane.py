@@ -100,6 +100,7 @@ class DataPlane:
         self.auth = auth
         self.ssl_context = ssl_context
         self.max_connections = max_connections
+        self.market = None  # kvstore.market.Market (set by build_node): listing keys, the meter
         self.port = 0
         self._listener: socket.socket | None = None
         self._accepting: threading.Thread | None = None
@@ -231,8 +232,10 @@ class DataPlane:
             self.metrics.requests.labels("DataGet", exc.code.name).inc()
             sock.sendall(_error_frame(exc.code, str(exc)))
             return True
+        resolved = self.market.resolve(keys, prefix) if self.market else [(k, prefix, None) for k in keys]
         try:
-            total = 0 if self.storage.damaged else self.storage.sizes(keys, prefix)
+            total = 0 if self.storage.damaged else (self.market.sizes(resolved) if self.market
+                                                    else self.storage.sizes(keys, prefix))
         except Corrupt:
             total = 0  # each key is answered CORRUPT below
         if total > self.max_get_bytes:  # one small request must not ask for 275 GB
@@ -242,14 +245,15 @@ class DataPlane:
                                       f"{self.max_get_bytes} a call may: ask for fewer keys at once"))
             return True
         sock.settimeout(SEND_SECONDS)
-        self._answer(sock, keys, prefix)
+        self._answer(sock, resolved, prefix)
         self.metrics.requests.labels("DataGet", "OK").inc()
         self.metrics.latency.labels("DataGet").observe(time.perf_counter() - start)
         return True
 
-    def _answer(self, sock: socket.socket, keys: list[bytes], prefix: bytes) -> None:
+    def _answer(self, sock: socket.socket, resolved: list, prefix: bytes) -> None:
         sender = _Sender(sock)
-        sender.pending += HEADER.pack(MAGIC, OK, 0, VERSION, len(keys))
+        sender.pending += HEADER.pack(MAGIC, OK, 0, VERSION, len(resolved))
+        meter = self.market.meter(prefix) if self.market else None
 
         def send(payload: memoryview, digest: bytes) -> int:
             self.metrics.hits.inc()  # counted before the bytes leave, as over gRPC
@@ -258,9 +262,14 @@ class DataPlane:
             sender.send(payload)  # from LMDB's map, inside its read transaction
             return len(payload)
 
-        for key in keys:
+        for found in resolved:
+            if found is None:  # a listing key this tenant may not read: a plain miss
+                self.metrics.misses.labels("missing").inc()
+                sender.pending += ENTRY.pack(MISSING, 0, _NO_DIGEST)
+                continue
+            key, space, listing = found
             try:
-                size = self.storage.read_with(key, send, prefix, verify=False)
+                size = self.storage.read_with(key, send, space, verify=False)
             except Corrupt:
                 log.warning("corrupt record %s", key.hex())
                 self.metrics.misses.labels("corrupt").inc()
@@ -269,7 +278,11 @@ class DataPlane:
             if size is None:
                 self.metrics.misses.labels("missing").inc()
                 sender.pending += ENTRY.pack(MISSING, 0, _NO_DIGEST)
+            elif meter is not None:
+                self.market.served(meter, listing, size)
         sender.flush()
+        if meter is not None:
+            self.market.commit(meter)
 
 
 def _family(host: str) -> socket.AddressFamily:

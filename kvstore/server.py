@@ -17,6 +17,8 @@ from kvproto.pb import SERVICE_NAME
 
 from .config import ServerConfig
 from .dataplane import DataPlane, server_ssl_context
+from .market import Market
+from .market_service import market_methods, watch_market
 from .metrics import NodeMetrics
 from .servicer import KVCacheServicer, instrumented
 from .storage import Storage
@@ -50,13 +52,15 @@ class Node:
             self.data_plane.stop()  # its reads end before the environment closes
         self.server.stop(grace).wait()
         self.servicer.streams.stop()
+        if self.servicer.market is not None:
+            self.servicer.market.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
         self.storage.close()
 
 
-def _handlers(servicer: KVCacheServicer, metrics: NodeMetrics) -> grpc.GenericRpcHandler:
+def _handlers(servicer: KVCacheServicer, metrics: NodeMetrics, market: Market | None = None) -> grpc.GenericRpcHandler:
     ser = lambda msg: msg.SerializeToString()  # noqa: E731
     wrap = lambda name, fn, streaming=False: instrumented(name, fn, metrics, streaming)  # noqa: E731
     methods = {
@@ -70,6 +74,8 @@ def _handlers(servicer: KVCacheServicer, metrics: NodeMetrics) -> grpc.GenericRp
             wrap("LocalInfo", servicer.local_info), response_serializer=ser
         ),
     }
+    if market is not None:
+        methods.update(market_methods(servicer, market, wrap))
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
@@ -117,10 +123,14 @@ def build_node(config: ServerConfig) -> Node:
             storage.close()
             raise
         config = dataclasses.replace(config, data_port=data_port)  # Stat advertises the bound port
-    servicer = KVCacheServicer(config, storage, metrics, auth)
+    market = Market(storage, auth.tenants if auth else [], config.market_admins)
+    if data_plane is not None:
+        data_plane.market = market
+    servicer = KVCacheServicer(config, storage, metrics, auth, market=market)
     metrics.watch_streams(servicer.streams)
+    watch_market(metrics, market)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((_handlers(servicer, metrics),))
+    server.add_generic_rpc_handlers((_handlers(servicer, metrics, market),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

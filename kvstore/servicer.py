@@ -74,8 +74,9 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 
 class KVCacheServicer:
     def __init__(self, config: ServerConfig, storage: Storage, metrics: NodeMetrics, auth=None,
-                 streams: StreamGuard | None = None) -> None:
+                 streams: StreamGuard | None = None, market=None) -> None:
         self.config = config
+        self.market = market  # kvstore.market.Market: listing keys, the meter
         self.storage = storage
         self.metrics = metrics
         self.auth = auth  # kvstore.auth.Authenticator or None
@@ -97,7 +98,11 @@ class KVCacheServicer:
             spool = Spool(self.storage.path)
             try:
                 total = self._receive(request_iterator, watch, spool)
-                stored, existed = self.storage.put_batch(spool.records(), prefix)
+                records = spool.records()
+                writes = self.market.before_put(records, prefix) if self.market else []
+                stored, existed = self.storage.put_batch(records, prefix)
+                if writes:
+                    self.market.record(writes)
             finally:
                 spool.close()
         self.metrics.bytes_in.inc(total)
@@ -149,21 +154,40 @@ class KVCacheServicer:
             yield from (wire.state_frame(i, pb.RECORD_STATE_CORRUPT) for i in range(len(request.keys)))
             return
         with self.streams.admit(context, "Get", self._tenant(prefix)) as watch:
-            self.check_reply_size(list(request.keys), prefix)
-            for index, key in enumerate(request.keys):
-                for frame in self._record_frames(index, key, prefix):
+            resolved = self._resolve(request.keys, prefix)
+            self.check_reply_size(resolved)
+            meter = self.market.meter(prefix) if self.market else None
+            for index, found in enumerate(resolved):
+                frames = self._record_frames(index, *found, meter) if found else self._missing(index)
+                for frame in frames:
                     watch.beat()
                     yield frame
             watch.beat()
+            if meter is not None:
+                self.market.commit(meter)  # once the reply is sent: a node killed mid-way counted none
 
-    def check_reply_size(self, keys: list[bytes], prefix: bytes) -> None:
+    def _resolve(self, keys, prefix: bytes) -> list:
+        """(key, key space, listing context) per key; None where a listing key is not readable."""
+        if self.market is None:
+            return [(key, prefix, None) for key in keys]
+        return self.market.resolve(keys, prefix)
+
+    def _missing(self, index: int) -> list[bytes]:
+        self.metrics.misses.labels("missing").inc()
+        return [wire.state_frame(index, pb.RECORD_STATE_MISSING)]
+
+    def check_reply_size(self, resolved: list) -> None:
         """A reply is bounded per call (one small request must not ask for 275 GB)."""
-        total = self.storage.sizes(keys, prefix)
+        keys = resolved
+        if self.market is not None:
+            total = self.market.sizes(resolved)
+        else:
+            total = self.storage.sizes([r[0] for r in resolved], resolved[0][1]) if resolved else 0
         if total > self.config.max_get_bytes:
             raise QuotaExceeded(f"a get of {len(keys)} keys would send {total} bytes, over the "
                                 f"{self.config.max_get_bytes} a call may: ask for fewer keys at once")
 
-    def _record_frames(self, index: int, key: bytes, prefix: bytes) -> list[bytes]:
+    def _record_frames(self, index: int, key: bytes, prefix: bytes, listing=None, meter=None) -> list[bytes]:
         try:
             found = self.storage.read_with(
                 key,
@@ -181,6 +205,8 @@ class KVCacheServicer:
         frames, size = found
         self.metrics.hits.inc()
         self.metrics.bytes_out.inc(size)
+        if meter is not None:
+            self.market.served(meter, listing, size)
         return frames
 
     # ---- small calls -------------------------------------------------------------------
@@ -188,7 +214,8 @@ class KVCacheServicer:
         prefix = self._prefix(context)
         request = parse(pb.LookupRequest, raw)
         check_keys(request.keys)
-        present = self.storage.exists(list(request.keys), prefix)
+        keys = list(request.keys)
+        present = self.market.exists(keys, prefix) if self.market else self.storage.exists(keys, prefix)
         run = record.prefix_length(present)
         return pb.LookupResponse(present=present, prefix_length=run)
 

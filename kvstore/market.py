@@ -1,0 +1,433 @@
+"""The node's side of the context market: listings, grants and the meter, in LMDB (docs/market.md).
+
+One named database (``market``) in the node's environment holds:
+
+- ``L ‖ tag``            -> the listing (JSON: manifest, signature, key, publisher, status, times)
+- ``G ‖ tag ‖ tenant``   -> a grant
+- ``E ‖ time ns ‖ id``   -> one meter entry (a serialized ``MeterEntry``)
+- ``I ‖ id``             -> its time (the idempotency index: an id is counted once per node)
+- ``C ‖ tenant ‖ 0 ‖ counter`` -> this node's running totals (Prometheus, restored at start)
+
+Listing keys (``kvproto.market``) are resolved here: to the publisher's key space for a tenant
+the listing lets read, to a plain miss for anyone else (absent and forbidden look the same).
+Records served from a listing are metered per load id in the same request, committed before the
+request returns: a node killed mid-way counted nothing of it, and the replica that serves the
+retry counts it once. Reads of a tenant's own records are totals only, flushed every second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import lmdb
+
+from kvproto import market as mk
+from kvproto.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvproto.pb import kvcache_pb2 as pb
+
+from .auth import tenant_prefix
+
+log = logging.getLogger(__name__)
+
+MARKET_DB = b"market"
+U64 = struct.Struct(">Q")
+KV_MAGIC = b"KVB1"  # inference.codec's record header: magic, version, dtype, codec, ?, layer, shape
+KV_HEADER = struct.Struct("<4sHHBBH4I")
+MAX_TENANT_LABELS = 64
+COUNTERS = ("tokens_loaded", "bytes_served", "records_served", "blocks_written", "prompt_tokens",
+            "cached_tokens")
+REPORT_KINDS = ("colocated", "prompt", "rejected")
+
+
+def block_tokens(payload: memoryview | bytes) -> int:
+    """Tokens of a layer-0 KV record (inference.codec header), 0 for anything else."""
+    if len(payload) < KV_HEADER.size or bytes(payload[:4]) != KV_MAGIC:
+        return 0
+    fields = KV_HEADER.unpack_from(payload)
+    return fields[8] if fields[5] == 0 else 0  # shape [2, kv_heads, tokens, head_dim]
+
+
+@dataclass
+class Listing:
+    manifest: mk.Manifest
+    signature: bytes
+    public_key: bytes
+    prefix: bytes  # the publisher's key space
+    status: str = "ok"
+    published_ns: int = 0
+    withdrawn_ns: int = 0
+    grants: set[str] = field(default_factory=set)
+    index: dict[bytes, int] = field(default_factory=dict)
+
+    def readable_by(self, tenant: str) -> bool:
+        if self.status != "ok" or self.withdrawn_ns:
+            return False
+        return tenant == self.manifest.publisher or self.manifest.visibility == "public" or tenant in self.grants
+
+    def stored(self) -> bytes:
+        return json.dumps({"manifest": self.manifest.raw.decode(), "signature": self.signature.hex(),
+                           "public_key": self.public_key.hex(), "prefix": self.prefix.hex(),
+                           "status": self.status, "published_ns": self.published_ns,
+                           "withdrawn_ns": self.withdrawn_ns}).encode()
+
+    def info(self, tenant: str) -> pb.ListingInfo:
+        grants = sorted(self.grants) if tenant == self.manifest.publisher else []
+        return pb.ListingInfo(manifest=self.manifest.raw, signature=self.signature, public_key=self.public_key,
+                              status=self.status, grants=grants, published_ns=self.published_ns,
+                              withdrawn_ns=self.withdrawn_ns)
+
+
+@dataclass
+class Meter:
+    """The entries one request produced, committed together (``Market.commit``)."""
+
+    tenant: str
+    entries: list[pb.MeterEntry] = field(default_factory=list)
+    own_records: int = 0
+    own_bytes: int = 0
+
+
+class Market:
+    def __init__(self, storage, tenants: list[str], admins: tuple[str, ...] = (), clock=time.time_ns) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.admins = set(admins)
+        self.tenants = {tenant_prefix(t): t for t in tenants} if tenants else {b"": ""}
+        self._lock = threading.Lock()
+        self.listings: dict[bytes, Listing] = {}
+        self.totals: dict[tuple[str, str], int] = defaultdict(int)  # durable (C keys)
+        self._unflushed: dict[tuple[str, str], int] = defaultdict(int)
+        self.env = storage.env
+        self.db = None
+        if self.env is not None and not storage.readonly:
+            self.db = self.env.open_db(MARKET_DB)
+            self._load()
+        self.on_count = None  # (tenant, counter, amount) -> None: the Prometheus counters
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="market-meter", daemon=True)
+        self._flusher.start()
+
+    # ---- state -------------------------------------------------------------------------
+    def _load(self) -> None:
+        with self.env.begin(db=self.db) as txn:
+            for key, value in txn.cursor():
+                kind = key[:1]
+                if kind == b"L":
+                    self.listings[key[1:]] = self._listing_of(json.loads(value))
+                elif kind == b"G":
+                    tag, tenant = key[1 : 1 + mk.TAG_BYTES], key[1 + mk.TAG_BYTES :].decode()
+                    if tag in self.listings:
+                        self.listings[tag].grants.add(tenant)
+                elif kind == b"C":
+                    tenant, counter = key[1:].split(b"\x00", 1)
+                    self.totals[(tenant.decode(), counter.decode())] = U64.unpack(value)[0]
+
+    @staticmethod
+    def _listing_of(doc: dict) -> Listing:
+        manifest = mk.parse_manifest(doc["manifest"].encode())
+        return Listing(manifest, bytes.fromhex(doc["signature"]), bytes.fromhex(doc["public_key"]),
+                       bytes.fromhex(doc["prefix"]), doc["status"], doc["published_ns"], doc["withdrawn_ns"],
+                       index=manifest.index_of())
+
+    def _usable(self) -> None:
+        if self.db is None or self.storage.damaged:
+            raise FailedPrecondition("this node's files need a rebuild: the market is unavailable")
+
+    def tenant_of(self, prefix: bytes) -> str:
+        return self.tenants.get(prefix, prefix.hex())
+
+    def visible(self, tag: bytes, tenant: str) -> Listing | None:
+        listing = self.listings.get(tag)
+        if listing is None:
+            return None
+        mine = listing.manifest.publisher == tenant or tenant in self.admins
+        return listing if mine or listing.readable_by(tenant) else None
+
+    # ---- publish, grant, audit -----------------------------------------------------------
+    def publish(self, request: pb.PublishRequest, prefix: bytes) -> pb.PublishResponse:
+        self._usable()
+        tenant = self.tenant_of(prefix)
+        try:
+            manifest = mk.parse_manifest(request.manifest)
+            mk.verify(request.manifest, request.signature, request.public_key)
+        except mk.ManifestError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if manifest.publisher != tenant:
+            raise InvalidArgument(f"manifest names publisher {manifest.publisher!r}, the caller is {tenant!r}")
+        old = self.listings.get(manifest.tag)
+        if old is not None and old.manifest.publisher != tenant:
+            raise FailedPrecondition(f"listing id {manifest.listing!r} is taken")  # no probing: a taken name
+        if old is not None and old.public_key != request.public_key:
+            raise FailedPrecondition(f"listing {manifest.listing!r} was published under another key")
+        expect = list(request.expect) or range(len(manifest.records))
+        if any(i >= len(manifest.records) for i in expect):
+            raise InvalidArgument("expect names a record the manifest does not have")
+        checked = self._check_records(manifest, [manifest.records[i] for i in expect], prefix)
+        listing = Listing(manifest, request.signature, request.public_key, prefix, "ok",
+                          old.published_ns if old and not old.withdrawn_ns else self.clock(),
+                          index=manifest.index_of(), grants=old.grants if old else set())
+        with self._lock, self.env.begin(db=self.db, write=True) as txn:
+            txn.put(b"L" + manifest.tag, listing.stored())
+            self.listings[manifest.tag] = listing
+        log.info("listing %s published by %s: %d records, %d tokens", manifest.listing, tenant,
+                 len(manifest.records), manifest.tokens)
+        return pb.PublishResponse(listing=manifest.listing, checked=checked)
+
+    def _check_records(self, manifest: mk.Manifest, records, prefix: bytes) -> int:
+        """Attest at publish: every expected record is stored here and hashes to its digest."""
+        missing = bad = 0
+        for key, digest, _ in records:
+            got = self.storage.read_with(key, lambda payload, _d, key=key: mk.record_digest(key, payload), prefix)
+            if got is None:
+                missing += 1
+            elif got != digest:
+                bad += 1
+        if missing or bad:
+            raise FailedPrecondition(f"the publisher does not hold the listing's records here: {missing} missing, "
+                                     f"{bad} differ from their manifest digest (store the blocks first)")
+        return len(records)
+
+    def _own(self, name: str, prefix: bytes) -> Listing:
+        tenant = self.tenant_of(prefix)
+        listing = self.listings.get(mk.listing_tag(name)) if mk.LISTING_ID.match(name or "") else None
+        if listing is None or (listing.manifest.publisher != tenant and tenant not in self.admins):
+            raise NotFound(f"no listing {name!r} of yours")  # others' listings look absent
+        return listing
+
+    def grant(self, request: pb.GrantRequest, prefix: bytes) -> pb.GrantResponse:
+        self._usable()
+        listing = self._own(request.listing, prefix)
+        if request.tenant not in self.tenants.values() or not request.tenant:
+            raise InvalidArgument(f"unknown tenant {request.tenant!r}")
+        key = b"G" + listing.manifest.tag + request.tenant.encode()
+        with self._lock, self.env.begin(db=self.db, write=True) as txn:
+            if request.revoke:
+                changed = txn.delete(key)
+                listing.grants.discard(request.tenant)
+            else:
+                changed = txn.put(key, b"", overwrite=False)
+                listing.grants.add(request.tenant)
+        return pb.GrantResponse(changed=bool(changed))
+
+    def audit(self, request: pb.AuditRequest, prefix: bytes) -> pb.AuditResponse:
+        """Mark a listing failed (or ok again): its publisher or an admin tenant (--market-admins)."""
+        self._usable()
+        listing = self._own(request.listing, prefix)
+        listing.status = f"failed: {request.evidence or 'audit'}"[:500] if request.failed else "ok"
+        with self._lock, self.env.begin(db=self.db, write=True) as txn:
+            txn.put(b"L" + listing.manifest.tag, listing.stored())
+        log.warning("listing %s audit: %s", request.listing, listing.status)
+        return pb.AuditResponse(status=listing.status)
+
+    def list(self, request: pb.ListingsRequest, prefix: bytes) -> pb.ListingsResponse:
+        self._usable()
+        tenant = self.tenant_of(prefix)
+        if request.listing:
+            found = self.visible(mk.listing_tag(request.listing), tenant) if mk.LISTING_ID.match(request.listing) else None
+            return pb.ListingsResponse(listings=[found.info(tenant)] if found else [])
+        return pb.ListingsResponse(listings=[item.info(tenant) for item in self.listings.values()
+                                             if self.visible(item.manifest.tag, tenant)])
+
+    # ---- reads: resolving listing keys, metering what is served --------------------------
+    def resolve(self, keys, prefix: bytes) -> list[tuple[bytes, bytes, tuple | None] | None]:
+        """Per key: (key to read, its key space, listing context or None); None: a plain miss."""
+        tenant = None
+        out: list = []
+        for key in keys:
+            parts = mk.split_listing_key(key)
+            if parts is None:
+                out.append((key, prefix, None))
+                continue
+            record_key, tag, load_id = parts
+            tenant = tenant if tenant is not None else self.tenant_of(prefix)
+            listing = self.listings.get(tag)
+            index = listing.index.get(record_key) if listing is not None else None
+            if index is None or not listing.readable_by(tenant):
+                out.append(None)
+                continue
+            out.append((record_key, listing.prefix, (listing, index, load_id)))
+        return out
+
+    def sizes(self, resolved) -> int:
+        by_prefix: dict[bytes, list[bytes]] = defaultdict(list)
+        for r in resolved:
+            if r is not None:
+                by_prefix[r[1]].append(r[0])
+        return sum(self.storage.sizes(keys, p) for p, keys in by_prefix.items())
+
+    def exists(self, keys, prefix: bytes) -> list[bool]:
+        resolved = self.resolve(keys, prefix)
+        present = [False] * len(keys)
+        by_prefix: dict[bytes, list[int]] = defaultdict(list)
+        for i, r in enumerate(resolved):
+            if r is not None:
+                by_prefix[r[1]].append(i)
+        for p, idx in by_prefix.items():
+            for i, found in zip(idx, self.storage.exists([resolved[i][0] for i in idx], p)):
+                present[i] = found
+        return present
+
+    def meter(self, prefix: bytes) -> Meter:
+        return Meter(self.tenant_of(prefix))
+
+    @staticmethod
+    def served(meter: Meter, context: tuple | None, size: int) -> None:
+        if context is None:
+            meter.own_records += 1
+            meter.own_bytes += size
+            return
+        listing, index, load_id = context
+        record_key, _, tokens = listing.manifest.records[index]
+        layer0 = record_key[-2:] == b"\x00\x00"
+        meter.entries.append(pb.MeterEntry(
+            id=mk.meter_id(b"load", listing.manifest.tag, load_id, record_key), tenant=meter.tenant,
+            listing=listing.manifest.listing, kind="load", tokens=tokens if layer0 else 0, bytes=size, records=1,
+            publisher=listing.manifest.publisher))
+
+    def commit(self, meter: Meter) -> int:
+        """Store a request's new entries (once per id on this node) and count them."""
+        with self._lock:
+            self._unflushed[(meter.tenant, "bytes_served")] += meter.own_bytes
+            self._unflushed[(meter.tenant, "records_served")] += meter.own_records
+        if not meter.entries or self.db is None:
+            return 0
+        return self.record(meter.entries)
+
+    def record(self, entries: list[pb.MeterEntry]) -> int:
+        now = self.clock()
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        new = 0
+        try:
+            with self._lock, self.env.begin(db=self.db, write=True) as txn:
+                for entry in entries:
+                    if not entry.time_ns:
+                        entry.time_ns = now
+                    if not txn.put(b"I" + entry.id, U64.pack(entry.time_ns), overwrite=False):
+                        continue
+                    txn.put(b"E" + U64.pack(entry.time_ns) + entry.id, entry.SerializeToString())
+                    new += 1
+                    for counter, amount in _counts(entry):
+                        counts[(entry.tenant, counter)] += amount
+                self._add(txn, counts)
+        except lmdb.Error as exc:  # the records were served; the meter must not fail the read
+            log.error("meter commit failed, %d entries not counted: %s", len(entries), exc)
+            return 0
+        return new
+
+    def _add(self, txn, counts: dict[tuple[str, str], int]) -> None:
+        for (tenant, counter), amount in counts.items():
+            if not amount:
+                continue
+            self.totals[(tenant, counter)] += amount
+            txn.put(b"C" + tenant.encode() + b"\x00" + counter.encode(), U64.pack(self.totals[(tenant, counter)]))
+            if self.on_count is not None:
+                self.on_count(tenant, counter, amount)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._unflushed = self._unflushed, defaultdict(int)
+        if not any(pending.values()) or self.db is None or self.storage.damaged:
+            return
+        try:
+            with self._lock, self.env.begin(db=self.db, write=True) as txn:
+                self._add(txn, pending)
+        except lmdb.Error as exc:
+            log.warning("meter flush failed: %s", exc)
+
+    # ---- writes ----------------------------------------------------------------------------
+    def before_put(self, records, prefix: bytes) -> list[pb.MeterEntry]:
+        """Entries for the blocks a put stores for the first time (a block = its layer-0 record)."""
+        for rec in records:
+            if mk.split_listing_key(rec.key) is not None:
+                raise InvalidArgument("listing keys are read-only (write your own keys)")
+        firsts = [rec for rec in records if len(rec.key) == mk.RECORD_KEY_BYTES and rec.key[-2:] == b"\x00\x00"]
+        if not firsts or self.db is None:
+            return []
+        present = self.storage.exists([rec.key for rec in firsts], prefix)
+        sizes: dict[bytes, tuple[int, int]] = defaultdict(lambda: (0, 0))
+        for rec in records:
+            n, b = sizes[rec.key[:32]]
+            sizes[rec.key[:32]] = (n + 1, b + len(rec.payload))
+        tenant = self.tenant_of(prefix)
+        return [pb.MeterEntry(id=mk.meter_id(b"write", prefix, rec.key), tenant=tenant, kind="write",
+                              tokens=block_tokens(rec.payload), records=sizes[rec.key[:32]][0],
+                              bytes=sizes[rec.key[:32]][1]) for rec, p in zip(firsts, present) if not p]
+
+    # ---- usage and reports -----------------------------------------------------------------
+    def usage(self, request: pb.UsageRequest, prefix: bytes) -> pb.UsageResponse:
+        self._usable()
+        caller = self.tenant_of(prefix)
+        wanted = request.tenant or caller
+        if wanted != caller and caller not in self.admins:
+            raise NotFound(f"no usage of {wanted!r} for you")
+        until = request.until_ns or (1 << 63) - 1
+        limit = min(request.limit or 10_000, 100_000)
+        start = b"E" + U64.pack(max(0, request.since_ns))
+        if request.start_after:
+            start = max(start, b"E" + request.start_after + b"\x00")
+        out, last = [], b""
+        with self.env.begin(db=self.db) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(start):
+                for key, value in cursor:
+                    if key[:1] != b"E" or U64.unpack(key[1:9])[0] >= until:
+                        break
+                    if len(out) >= limit:
+                        return pb.UsageResponse(entries=out, next=last)
+                    entry = pb.MeterEntry.FromString(value)
+                    if wanted == "*" or entry.tenant == wanted or entry.publisher == wanted:
+                        out.append(entry)
+                    last = key[1:]
+        return pb.UsageResponse(entries=out)
+
+    def report(self, request: pb.ReportRequest, prefix: bytes) -> pb.ReportResponse:
+        """What a client read without the node seeing it (co-located map), its prompts (hit
+        ratio), and records provenance rejected (checked here: only a record that no longer
+        matches its manifest is credited)."""
+        self._usable()
+        tenant = self.tenant_of(prefix)
+        entries = []
+        for entry in request.entries:
+            if entry.kind not in REPORT_KINDS or len(entry.id) != 16:
+                raise InvalidArgument(f"a report entry needs a 16-byte id and a kind in {', '.join(REPORT_KINDS)}")
+            entry.tenant, entry.time_ns = tenant, 0
+            if entry.kind == "rejected" and not self._rejection_holds(entry, tenant):
+                continue
+            entries.append(entry)
+        return pb.ReportResponse(accepted=self.record(entries) if entries else 0)
+
+    def _rejection_holds(self, entry: pb.MeterEntry, tenant: str) -> bool:
+        listing = self.visible(mk.listing_tag(entry.listing), tenant) if mk.LISTING_ID.match(entry.listing) else None
+        if listing is None or entry.records >= len(listing.manifest.records):
+            return False
+        key, digest, tokens = listing.manifest.records[entry.records]
+        got = self.storage.read_with(key, lambda payload, _d: mk.record_digest(key, payload), listing.prefix)
+        if got is None or got == digest:
+            return False
+        entry.publisher, entry.tokens, entry.records = listing.manifest.publisher, tokens if key[-2:] == b"\0\0" else 0, 1
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._flusher.join(5)
+        self.flush()
+
+
+def _counts(entry: pb.MeterEntry) -> list[tuple[str, int]]:
+    if entry.kind in ("load", "colocated"):
+        return [("tokens_loaded", entry.tokens), ("bytes_served", entry.bytes), ("records_served", entry.records)]
+    if entry.kind == "write":
+        return [("blocks_written", 1)]
+    if entry.kind == "prompt":
+        return [("prompt_tokens", entry.prompt_tokens), ("cached_tokens", entry.tokens)]
+    return []

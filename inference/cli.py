@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .codec import CODECS
 from .embedded import EmbeddedCluster
 from .generator import CachedGenerator
 from .models import MODEL_NAMES, decode_tokens, encode_prompt, load_model
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--codec", choices=["none", "zstd-byteplane"], default="none")
+    p.add_argument("--codec", choices=sorted(CODECS), default="none", help="record codec (lossless; none is fastest co-located)")
     p.add_argument("--replication", type=int, default=2)
     p.add_argument("--token", default=None, help="auth token for the nodes")
     p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify the nodes")

@@ -21,6 +21,7 @@ from .healing import rebalance
 from kvproto.errors import KVCacheError
 
 NODES_ENV = "KVCACHE_NODES"
+ETCD_ENV = "KVCACHE_ETCD"
 
 
 def parse_key(text: str) -> bytes:
@@ -44,6 +45,12 @@ def _common(parser: argparse.ArgumentParser, top: bool) -> None:
                         **({"default": 10.0} if top else keep))
     parser.add_argument("--token", help="auth token", **({"default": None} if top else keep))
     parser.add_argument("--tls-ca", help="CA certificate (PEM) to verify nodes", **({"default": None} if top else keep))
+    parser.add_argument("--etcd", help="HOST:PORT[,...] of etcd: the ring follows the nodes registered there "
+                        f"(default: ${ETCD_ENV})", **({"default": None} if top else keep))
+    parser.add_argument("--cluster", help="cluster name in etcd (default: default)",
+                        **({"default": "default"} if top else keep))
+    parser.add_argument("--host-id", help="this host's identity for the co-located check",
+                        **({"default": None} if top else keep))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("health", "each node's health (JSON; exit 1 unless all serve)")
     command("stat", "per-node statistics (JSON; exit 1 if a node did not answer)")
     command("repair", "anti-entropy: bring every key back to full replication, apply deletes")
+    command("status", "with --etcd: members, their state, and rebalancing (keys to move, moved, rate)")
     reb = command("rebalance", "after a membership change: copy keys to their new owners")
     reb.add_argument("--previous", required=True, help="the old cluster file or node list")
     reb.add_argument("--prune", action="store_true", help="also delete copies from nodes that no longer own them")
@@ -104,9 +112,15 @@ def _missed(outcomes: dict[str, object]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     with Client(args.nodes, replication=args.replication, timeout=args.timeout, token=args.token,
-                tls_ca=args.tls_ca) as client:
+                tls_ca=args.tls_ca, etcd=args.etcd, cluster=args.cluster) as client:
         command = args.command
-        if command == "put":
+        if command == "status":
+            from .etcd_membership import cluster_status
+
+            if not args.etcd:
+                raise ValueError("status needs --etcd (membership from a cluster file has no rebalancer)")
+            print(json.dumps(cluster_status(client.membership), indent=2))
+        elif command == "put":
             if args.file == "-":
                 data = sys.stdin.buffer.read()
             else:
@@ -172,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.nodes = args.nodes or os.environ.get(NODES_ENV)
-    if not args.nodes:
-        parser.error(f"give --nodes HOST:PORT,... (or a cluster file), or set {NODES_ENV}")
+    args.etcd = args.etcd or (None if args.nodes else os.environ.get(ETCD_ENV))
+    if not args.nodes and not args.etcd:
+        parser.error(f"give --nodes HOST:PORT,... (or a cluster file) or --etcd HOST:PORT, or set {NODES_ENV}")
+    if args.host_id:
+        from kvproto.host import HOST_ID_ENV
+
+        os.environ[HOST_ID_ENV] = args.host_id
     try:
         return run(args)
     except (KVCacheError, OSError, ValueError, TypeError) as exc:

@@ -51,7 +51,8 @@ class Client:
     ``get_many``/``put_many``/``read_into``/``lookup`` for KV blocks.
 
     `nodes`: "HOST:PORT,HOST:PORT", a list of them, or a cluster file path (reloaded when it
-    changes). `timeout` bounds every call end to end (seconds); a read whose replica gives no
+    changes); or `etcd="HOST:PORT[,...]"` and `cluster=NAME`: the ring follows the nodes registered
+    there (``kvclient.etcd_membership``). `timeout` bounds every call end to end (seconds); a read whose replica gives no
     sign of life within `hedge_after` (default: a quarter of `timeout`, at most 1 s) is also
     sent to the next replica. `stream_timeout` bounds background transfers (hints, repairs).
     Misses are None; an outage raises ``Unavailable``; errors name the node and the cause.
@@ -59,7 +60,7 @@ class Client:
 
     def __init__(
         self,
-        nodes: Sequence[str] | str,
+        nodes: Sequence[str] | str | None = None,
         replication: int = 2,
         timeout: float = 10.0,
         *,
@@ -72,10 +73,19 @@ class Client:
         verify_colocated: bool = True,
         stripe: bool = True,
         hedge_after: float | None = None,
+        etcd: str | None = None,
+        cluster: str = "default",
     ) -> None:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.membership = Membership(nodes, replication, vnodes, write_quorum, stripe)
+        if etcd is not None:  # the ring follows etcd (kvclient.etcd_membership); replication and vnodes too
+            from .etcd_membership import EtcdMembership
+
+            self.membership = EtcdMembership(etcd, cluster, write_quorum, stripe, wait=min(timeout, 10.0))
+        elif nodes is None:
+            raise ValueError("give nodes (HOST:PORT,... or a cluster file) or etcd=HOST:PORT")
+        else:
+            self.membership = Membership(nodes, replication, vnodes, write_quorum, stripe)
         if isinstance(tls_ca, str):
             with open(tls_ca, "rb") as f:
                 tls_ca = f.read()
@@ -277,6 +287,7 @@ class Client:
         self._touches.close()
         self.local.close()
         self.replica_set.close()
+        self.membership.close()
 
     def __enter__(self) -> "Client":
         return self

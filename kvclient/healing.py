@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvproto.errors import KVCacheError
+from kvproto.hints import is_hint
 
 from .tombstones import deleted_key, tombstone_key
 
@@ -203,7 +204,7 @@ def rebalance(client, previous_nodes: Sequence[str], prune: bool = False, batch:
                 deleted = deleted_key(key)
                 if deleted is not None:
                     tombs[deleted].add(node)
-                else:
+                elif not is_hint(key):  # a node's own record of a write owed elsewhere (kvstore.hints)
                     holders[key].add(node)
         except KVCacheError as exc:
             log.warning("cannot scan %s: %s", node, exc)

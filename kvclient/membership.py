@@ -108,3 +108,6 @@ class Membership:
 
     def mark_down(self, node: str) -> None:
         self._down_until[node] = time.monotonic() + DOWN_SECONDS
+
+    def close(self) -> None:
+        """Nothing to stop here (the etcd-backed membership stops its watch)."""

@@ -26,6 +26,7 @@ from kvproto.errors import KVCacheError, Unavailable
 
 from kvproto.store import Sink
 
+from .durable_hints import leave_hints
 from .healing import HintQueue
 from .hedged import Attempt, Read, in_rank_order
 from .membership import Membership
@@ -152,6 +153,8 @@ class ReplicaSet:
         for node, outcome in outcomes.items():
             if isinstance(outcome, Unavailable):  # owed to the node once it is back
                 self.hints.add(node, [items[i] for i in work[node]])
+                leave_hints(self.conn, self.timeout, node, [items[i][0] for i in work[node]], outcomes,
+                            lambda key: self.membership.owners(key))
         self._check_quorum(len(items), work, outcomes, "written")
         return outcomes
 

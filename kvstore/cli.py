@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--market-admins", default="",
                        help="tenants (comma-separated) that may mark listings failed and read every tenant's usage")
     serve.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO, WARNING or ERROR")
+    _cluster_flags(serve)
     rebuild = sub.add_parser("rebuild", help="set a damaged node's files aside (the node stopped), to refill "
                                              "it from the replicas")
     rebuild.add_argument("--data", required=True, help="directory of the node's LMDB environment")
@@ -60,6 +61,40 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--auth-tokens", default=None, help="the node's tokens file, if it ran with auth")
     migrate.add_argument("--log-level", default="INFO", type=_log_level)
     return parser
+
+
+def _cluster_flags(serve: argparse.ArgumentParser) -> None:
+    """Membership on etcd (kvstore.etcd_member) and the host identity."""
+    serve.add_argument("--etcd", default=None, help="HOST:PORT[,...] of etcd: register there, rebalance by itself")
+    serve.add_argument("--cluster", default="default", help="cluster name (etcd prefix /kvcache/NAME/)")
+    serve.add_argument("--etcd-ttl", type=int, default=5, help="lease seconds: a killed node leaves after this")
+    serve.add_argument("--advertise", default=None, help="HOST:PORT clients dial (default: --listen's host)")
+    serve.add_argument("--replication", type=int, default=2, help="the cluster's replication if it has none yet")
+    serve.add_argument("--vnodes", type=int, default=128, help="the cluster's virtual nodes if it has none yet")
+    serve.add_argument("--rebalance-mbps", type=float, default=200.0, help="rebalancer cap, MB/s (default 200)")
+    serve.add_argument("--host-id", default=None, help="this host's identity for the co-located check "
+                       "(default: hostname + boot id)")
+
+
+def etcd_settings(args: argparse.Namespace):
+    if args.host_id:
+        from kvproto.host import HOST_ID_ENV
+
+        os.environ[HOST_ID_ENV] = args.host_id
+    if not args.etcd:
+        return None
+    from kvproto.etcd import cluster_prefix, parse_endpoints
+
+    from .etcd_member import EtcdSettings
+
+    parse_endpoints(args.etcd)
+    cluster_prefix(args.cluster)
+    _check_range("--etcd-ttl", args.etcd_ttl, 2, 3600)
+    _check_range("--replication", args.replication, 1, 16)
+    _check_range("--vnodes", args.vnodes, 1, 4096)
+    _check_range("--rebalance-mbps", args.rebalance_mbps, 0, low_open=True)
+    return EtcdSettings(args.etcd, args.cluster, args.etcd_ttl, args.replication, args.vnodes, args.advertise,
+                        args.rebalance_mbps, args.node_id)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -144,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         return _rebuild(args)
     try:
         config = config_from_args(args)
+        cluster = etcd_settings(args)
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # our own one-line errors instead of C-core logs
         from .server import serve_forever
 
-        serve_forever(config, stop)
+        serve_forever(config, stop, cluster)
     except (OSError, ValueError) as exc:
         print(f"kvstore: error: {exc}", file=sys.stderr)
         return 2

@@ -169,9 +169,18 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int]:
     return node.server, node.port
 
 
-def serve_forever(config: ServerConfig, stop_event: threading.Event) -> None:
+def serve_forever(config: ServerConfig, stop_event: threading.Event, cluster=None) -> None:
+    """`cluster`: kvstore.etcd_member.EtcdSettings (membership on etcd) or None (a cluster file)."""
+    from .cluster_node import start_cluster_side
+
     node = build_node(config)
+    try:
+        side = start_cluster_side(node, config, cluster)  # etcd unreachable: raises, the node stops
+    except BaseException:
+        node.stop(0)
+        raise
     print(f"kvstore listening on {config.listen.rsplit(':', 1)[0]}:{node.port}", flush=True)
     stop_event.wait()
     log.info("shutting down (grace %.1fs)", config.grace_seconds)
+    side.stop()
     node.stop(config.grace_seconds)

@@ -116,6 +116,7 @@ class CachedGenerator:
         *,
         internal_errors: str = "count",
         graphs: bool | None = None,
+        listings: Any = None,
     ) -> None:
         """`client` is any ``kvproto.store.Store``. `prefix_loader(client, plan, layout, config,
         max_tokens=, buffers=, background=)` fetches the cached prefix into `buffers`: by default
@@ -143,6 +144,7 @@ class CachedGenerator:
         if internal_errors not in ("count", "raise"):
             raise ValueError(f"internal_errors must be 'count' or 'raise', got {internal_errors!r}")
         self.internal_errors = internal_errors
+        self.listings = listings  # inference.listings.ListingReader: prefixes other tenants published
         self.graphs = graphs if graphs is not None else next(model.parameters()).device.type == "cuda"
         self.model = model
         self.client = client
@@ -210,11 +212,14 @@ class CachedGenerator:
                 raise ValueError(f"{reserved} is managed by CachedGenerator")
         tokens = ids[0].tolist()
         plan = self.plan(tokens)
+        store = self.client
+        if self.listings is not None:  # a published document may hold a longer prefix
+            plan, store = self.listings.route(tokens, plan, self)
 
         started = time.perf_counter()
         buffers = self.arena.take(len(tokens) + min(max(0, max_new_tokens), 4096))  # past that it grows
         try:
-            result = self._generate(ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs)
+            result = self._generate(ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs, store)
         except BaseException:
             self.arena.give(buffers)
             raise
@@ -224,8 +229,10 @@ class CachedGenerator:
             result.published.add_done_callback(lambda _: self.arena.give(buffers))
         return result
 
-    def _generate(self, ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs) -> GenerationResult:
-        load = functools.partial(self.prefix_loader, self.client, plan, self.layout, self.model.config,
+    def _generate(self, ids, tokens, plan, buffers, started, max_new_tokens, generate_kwargs,
+                  store=None) -> GenerationResult:
+        store = self.client if store is None else store
+        load = functools.partial(self.prefix_loader, store, plan, self.layout, self.model.config,
                                  max_tokens=len(tokens) - 1, buffers=buffers)
         try:
             prefix = load(background=self.pipelined())
@@ -266,9 +273,10 @@ class CachedGenerator:
                 prefix = self._load_failed(exc, load)
         prefill_seconds = (clock.first_token_at or time.perf_counter()) - started
 
-        published = self._publish_new(plan, prefix, used.get("cache", prefix.cache)) if self.publish else None
+        own = store is self.client
+        published = self._publish_new(plan, prefix, used.get("cache", prefix.cache)) if self.publish and own else None
         self._count(prefix, len(tokens))
-        return GenerationResult(
+        result = GenerationResult(
             sequences=out.sequences,
             prompt_tokens=len(tokens),
             cached_tokens=prefix.tokens,
@@ -281,6 +289,9 @@ class CachedGenerator:
             logits=getattr(out, "logits", None),
             published=published,
         )
+        if self.listings is not None:
+            self.listings.settled(store, result)
+        return result
 
     def _load_failed(self, exc: Exception, load) -> LoadedPrefix:
         """A bug in the load: raise it (tests), or log it, count it and go on without the prefix."""

@@ -35,10 +35,14 @@ LEGACY_MAGIC = b"KVR1"
 HEADER = struct.Struct("<4sHHQ16s")
 HEADER_SIZE = HEADER.size
 DIGEST_SIZE = 16
+LISTING_KEY_BYTES = 52  # kvproto.market.LISTING_KEY_BYTES: record key ‖ "@L" ‖ tag ‖ load id
 
 
 def digest(key: bytes, payload: bytes | memoryview) -> bytes:
-    """XXH3-128 of key ‖ payload (streamed: the payload is not copied)."""
+    """XXH3-128 of key ‖ payload (streamed: the payload is not copied). A listing key
+    (kvproto.market) reads the publisher's record: its digest binds the record key inside it."""
+    if len(key) == LISTING_KEY_BYTES and key[34:36] == b"@L":
+        key = key[:34]
     h = xxhash.xxh3_128(key)
     h.update(payload)
     return h.digest()

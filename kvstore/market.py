@@ -165,7 +165,7 @@ class Market:
             raise FailedPrecondition(f"listing id {manifest.listing!r} is taken")  # no probing: a taken name
         if old is not None and old.public_key != request.public_key:
             raise FailedPrecondition(f"listing {manifest.listing!r} was published under another key")
-        expect = list(request.expect) or range(len(manifest.records))
+        expect = [] if request.owns_none else (list(request.expect) or range(len(manifest.records)))
         if any(i >= len(manifest.records) for i in expect):
             raise InvalidArgument("expect names a record the manifest does not have")
         checked = self._check_records(manifest, [manifest.records[i] for i in expect], prefix)
@@ -248,7 +248,8 @@ class Market:
             tenant = tenant if tenant is not None else self.tenant_of(prefix)
             listing = self.listings.get(tag)
             index = listing.index.get(record_key) if listing is not None else None
-            if index is None or not listing.readable_by(tenant):
+            auditor = tenant in self.admins and listing is not None and not listing.withdrawn_ns
+            if index is None or not (listing.readable_by(tenant) or auditor):
                 out.append(None)
                 continue
             out.append((record_key, listing.prefix, (listing, index, load_id)))
@@ -345,11 +346,15 @@ class Market:
             log.warning("meter flush failed: %s", exc)
 
     # ---- writes ----------------------------------------------------------------------------
+    @staticmethod
+    def check_writable(key: bytes) -> None:
+        if mk.split_listing_key(key) is not None:
+            raise InvalidArgument("listing keys are read-only (write your own keys)")
+
     def before_put(self, records, prefix: bytes) -> list[pb.MeterEntry]:
         """Entries for the blocks a put stores for the first time (a block = its layer-0 record)."""
         for rec in records:
-            if mk.split_listing_key(rec.key) is not None:
-                raise InvalidArgument("listing keys are read-only (write your own keys)")
+            self.check_writable(rec.key)
         firsts = [rec for rec in records if len(rec.key) == mk.RECORD_KEY_BYTES and rec.key[-2:] == b"\x00\x00"]
         if not firsts or self.db is None:
             return []

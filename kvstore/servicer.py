@@ -135,6 +135,8 @@ class KVCacheServicer:
 
     def _start_record(self, msg: pb.PutRequest, total: int) -> pb.PutRequest:
         check_key(msg.key)
+        if self.market is not None:
+            self.market.check_writable(msg.key)
         if len(msg.checksum) != record.DIGEST_SIZE:
             raise InvalidArgument("checksum must be 16 bytes (XXH3-128 of key and payload)")
         if msg.size > self.config.max_record_bytes:

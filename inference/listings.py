@@ -1,0 +1,290 @@
+"""Model glue of the context market: publish a document, read listings with provenance, audit them.
+
+- ``publish_document``: the publisher's generator has stored a document's blocks; this reads
+  them back, signs a manifest (SHA-256 of every record) and publishes it (docs/market.md).
+- ``ListingReader``: given to ``CachedGenerator(listings=...)``. For each prompt it matches the
+  prompt's block keys against the listings the tenant may read (pure hashing: a listing names
+  its namespace root), and with one batched lookup of both its own keys and the listing's picks
+  the longer stored prefix. Loads from a listing go through ``ListingStore``, which checks every
+  record's SHA-256 against the signed manifest before the loader sees it: a record that fails is
+  a counted miss (``provenance``) and is recomputed, never used.
+- ``audit_listing``: recompute K random blocks with the model and compare them bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from kvclient.market import ListingView, Market
+from kvproto import market as mk
+from kvproto.keys import record_key
+from kvproto.pb import kvcache_pb2 as pb
+from kvproto.record import prefix_length
+
+from .blocks import PrefixPlan, export_segment, plan_prefix
+from .codec import HEADER_SIZE, RecordError, parse_header, raw_payload
+
+log = logging.getLogger(__name__)
+
+
+def load_trust(path: str) -> dict[str, bytes]:
+    """publisher tenant -> raw Ed25519 public key, from 'TENANT HEXKEY' lines (# comments)."""
+    trust: dict[str, bytes] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            try:
+                tenant, key = fields
+                raw = bytes.fromhex(key)
+                if len(raw) != 32:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"trust file {path} line {number}: expected 'TENANT HEX-ED25519-KEY'") from None
+            trust[tenant] = raw
+    return trust
+
+
+def public_key_hex(private_key) -> str:
+    return mk.sign(private_key, b"")[1].hex()
+
+
+def publish_document(generator, client, tokens: list[int], listing: str, publisher: str, private_key, *,
+                     price_per_1k_loaded: float, price_per_1m_token_hours: float = 0.0,
+                     visibility: str = "granted") -> mk.Manifest:
+    """Sign and publish the stored blocks of `tokens` in the generator's own namespace."""
+    plan = generator.plan(tokens)
+    layers = generator.layout.num_layers
+    keys = [record_key(key, layer) for key, _, _ in plan.segments() for layer in range(layers)]
+    counts = [count for _, _, count in plan.segments() for _ in range(layers)]
+    values = client.get_many(keys)
+    if any(v is None for v in values):
+        missing = sum(v is None for v in values)
+        raise ValueError(f"{missing} of {len(keys)} records of the document are not stored: generate it first")
+    records = [(k, mk.record_digest(k, v), n) for k, v, n in zip(keys, values, counts)]
+    raw = mk.build_manifest(listing=listing, publisher=publisher, fingerprint=generator.fingerprint,
+                            namespace=generator.namespace, block_size=generator.block_size, layers=layers,
+                            token_ids=tokens, records=records, price_per_1k_loaded=price_per_1k_loaded,
+                            price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
+    Market(client).publish(raw, private_key)
+    return mk.parse_manifest(raw)
+
+
+class ListingStore:
+    """A ``Store`` over one listing for one request: keys become listing keys (one load id),
+    every record is checked against the manifest's SHA-256 before the sink sees it, writes are
+    dropped (the publisher's chain is not the reader's to extend)."""
+
+    def __init__(self, client, view: ListingView) -> None:
+        self.client = client
+        self.view = view
+        self.load_id = secrets.token_bytes(mk.LOAD_ID_BYTES)
+        self.digests = {key: (i, digest) for i, (key, digest, _) in enumerate(view.manifest.records)}
+        self.rejected: list[int] = []  # manifest indices of records provenance refused
+        self.hashed_bytes = 0
+        self.hash_seconds = 0.0
+        self._lock = threading.Lock()
+
+    def _key(self, key: bytes) -> bytes:
+        return mk.listing_key(key, self.view.manifest.tag, self.load_id)
+
+    def exists(self, keys) -> list[bool]:
+        keys = [keys] if isinstance(keys, bytes) else list(keys)
+        return self.client.exists([self._key(k) for k in keys])
+
+    def read_into(self, keys, sink, verify: bool = True) -> list[bool]:
+        keys = list(keys)
+        bad: set[int] = set()
+
+        def checked(batch) -> None:
+            good = []
+            started = time.perf_counter()
+            for item in batch:
+                i, view = item[0], item[1]
+                known = self.digests.get(keys[i])
+                if known is not None and mk.record_digest(keys[i], view) == known[1]:
+                    good.append(item)
+                else:
+                    bad.add(i)
+                    with self._lock:
+                        self.rejected.append(known[0] if known else -1)
+                with self._lock:
+                    self.hashed_bytes += len(view)
+            with self._lock:
+                self.hash_seconds += time.perf_counter() - started
+            if good:
+                sink(good)
+
+        found = self.client.read_into([self._key(k) for k in keys], checked, verify)
+        return [f and i not in bad for i, f in enumerate(found)]
+
+    def get_many(self, keys) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+
+        def keep(batch) -> None:
+            for i, view, _ in batch:
+                out[i] = bytes(view)
+
+        self.read_into(keys, keep)
+        return out
+
+    def put_many(self, items) -> dict:
+        return {}
+
+
+@dataclass
+class ListingReader:
+    """The listings a tenant may read, matched against each prompt (see the module notes).
+
+    `trust`: publisher -> Ed25519 key; a listing whose signature does not verify against its
+    publisher's trusted key is never used. `refresh_seconds`: how long the listing set is kept."""
+
+    client: object
+    trust: dict[str, bytes]
+    refresh_seconds: float = 30.0
+    report: bool = True
+    stats: Counter = field(default_factory=Counter)
+    _views: list[ListingView] = field(default_factory=list)
+    _at: float = -1e18
+
+    def __post_init__(self) -> None:
+        self.market = Market(self.client)
+
+    def refresh(self, force: bool = False) -> list[ListingView]:
+        if force or time.monotonic() - self._at > self.refresh_seconds:
+            usable = []
+            for view in self.market.listings():
+                key = self.trust.get(view.manifest.publisher)
+                try:
+                    if key is None or key != view.public_key:
+                        raise mk.ManifestError(f"no trusted key for publisher {view.manifest.publisher!r}")
+                    mk.verify(view.manifest.raw, view.signature, view.public_key)
+                except mk.ManifestError as exc:
+                    self.stats["untrusted_listings"] += 1
+                    log.warning("listing %s not used: %s", view.manifest.listing, exc)
+                    continue
+                if view.status == "ok" and not view.withdrawn_ns:
+                    usable.append(view)
+            self._views, self._at = usable, time.monotonic()
+        return self._views
+
+    def route(self, tokens: list[int], own: PrefixPlan, generator) -> tuple[PrefixPlan, object]:
+        """(plan, store) for this prompt: the listing's when it has the longer stored prefix."""
+        best = None
+        for view in self.refresh():
+            m = view.manifest
+            if m.fingerprint != generator.fingerprint or m.block_size != own.block_size:
+                continue
+            plan = plan_prefix(m.namespace, tokens, own.block_size)
+            listed = {key[:32] for key, _, _ in m.records if key[-2:] == b"\x00\x00"}
+            run = sum(1 for _ in _leading(plan, listed))
+            if run and (best is None or run > best[0]):
+                best = (run, plan, view)
+        if best is None:
+            return own, self.client
+        run, plan, view = best
+        store = ListingStore(self.client, view)
+        own_keys = [record_key(key, 0) for key, _, _ in own.segments()]
+        listing_keys = [store._key(record_key(key, 0)) for key, _, _ in plan.segments()[:run]]
+        present = self.client.exists(own_keys + listing_keys)  # the one extra batched lookup
+        own_run, listed_run = prefix_length(present[: len(own_keys)]), prefix_length(present[len(own_keys):])
+        if listed_run * own.block_size <= sum(c for _, _, c in own.segments()[:own_run]):
+            return own, self.client
+        self.stats["listing_routes"] += 1
+        return plan, store
+
+    def settled(self, store, result) -> None:
+        """After a request: report its prompt (token hit ratio) and any record provenance refused."""
+        if isinstance(store, ListingStore) and store.rejected:
+            self.stats["provenance_rejected"] += len(store.rejected)
+            result.miss_reasons["provenance"] += len(store.rejected)
+        if not self.report:
+            return
+        entries = [pb.MeterEntry(id=secrets.token_bytes(16), kind="prompt", tokens=result.cached_tokens,
+                                 prompt_tokens=result.prompt_tokens,
+                                 listing=store.view.manifest.listing if isinstance(store, ListingStore) else "")]
+        if isinstance(store, ListingStore):
+            entries += [pb.MeterEntry(id=mk.meter_id(b"rejected", store.load_id, bytes([i % 256, i // 256])),
+                                      kind="rejected", listing=store.view.manifest.listing, records=i)
+                        for i in store.rejected if i >= 0]
+        try:
+            self.market.report(entries)
+        except Exception as exc:  # noqa: BLE001 - a lost report costs a statistic, never an answer
+            log.warning("usage report failed: %s", exc)
+
+
+def _leading(plan: PrefixPlan, listed: set[bytes]):
+    for key in plan.block_keys:
+        if key not in listed:
+            return
+        yield key
+
+
+@dataclass
+class AuditResult:
+    listing: str
+    blocks: list[int]
+    failed: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def audit_listing(client, view: ListingView, model, k: int, seed: int | None = None,
+                  atol: float = 0.0) -> AuditResult:
+    """Recompute `k` random full blocks of a listing and compare them with the stored records
+    (bit for bit with atol=0: same device and dtype as the publisher; within atol otherwise)."""
+    m = view.manifest
+    full = len(m.token_ids) // m.block_size
+    chosen = sorted(random.Random(seed).sample(range(full), min(k, full)))
+    failed: list[str] = []
+    if not chosen:
+        return AuditResult(m.listing, [], ["the listing has no full block to audit"])
+    # the whole document in one forward, as the publisher's generate ran it: a shorter forward
+    # gives other kernel shapes, and fp32 sums in another order differ in the last bits
+    end = len(m.token_ids)
+    cache = DynamicCache(config=model.config)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model(torch.tensor([m.token_ids[:end]], device=device), past_key_values=cache, use_cache=True)
+    plan = plan_prefix(m.namespace, m.token_ids, m.block_size)
+    store = ListingStore(client, view)
+    for b in chosen:
+        recomputed = export_segment(cache, plan.block_keys[b], b * m.block_size, m.block_size)
+        stored = store.client.get_many([store._key(key) for key, _ in recomputed])
+        for (key, fresh), old in zip(recomputed, stored):
+            why = _differs(fresh, old, atol)
+            if why:
+                failed.append(f"block {b} layer {int.from_bytes(key[-2:], 'little')}: {why}")
+                break
+    return AuditResult(m.listing, chosen, failed)
+
+
+def _differs(fresh: bytes, stored: bytes | None, atol: float) -> str:
+    if stored is None:
+        return "not served"
+    try:
+        header = parse_header(stored)
+        raw = raw_payload(stored, header)
+    except RecordError as exc:
+        return f"unreadable record ({exc})"
+    want = fresh[HEADER_SIZE:]
+    if bytes(raw) == want:
+        return ""
+    if atol > 0:
+        a = torch.frombuffer(bytearray(raw), dtype=header.dtype)
+        b = torch.frombuffer(bytearray(want), dtype=header.dtype)
+        if a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=0):
+            return ""
+    return "recomputed KV differs from the stored record"

@@ -27,6 +27,7 @@ from kvproto.store import Sink
 
 from .colocated import ColocatedReader
 from .colocated_reads import ColocatedReaders
+from .edge import EdgeTier
 from .healing import HintQueue, RebalanceReport, rebalance
 from .membership import Membership
 from .node import Credentials, NodeConnection
@@ -75,6 +76,7 @@ class Client:
         hedge_after: float | None = None,
         etcd: str | None = None,
         cluster: str = "default",
+        edge: bool = True,
     ) -> None:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -98,6 +100,8 @@ class Client:
         self.reads = {"colocated": 0, "remote": 0}  # records read through the map / the network
         self._reads_lock = threading.Lock()
         self._touches = TouchBatcher(self.replica_set.touch)
+        # the edge tier needs to know this host's node: membership from etcd (kvclient.edge)
+        self.edge = EdgeTier(self.membership, self.replica_set.conn, timeout) if edge and etcd is not None else None
 
     @property
     def ring(self) -> HashRing:
@@ -145,6 +149,8 @@ class Client:
         node that still owes a key's delete (it was down) is not asked for that key."""
         self.membership.refresh()
         orders = self.membership.routes(keys)
+        if self.edge is not None:
+            orders = self.edge.read_orders(orders)
         hints = self.replica_set.hints
         if hints.has_deletes():
             orders = [[n for n in owners if not hints.owes_delete(n, keys[i])] for i, owners in enumerate(orders)]
@@ -165,7 +171,10 @@ class Client:
         receives commit atomically; raises when a record is below the write quorum. Returns
         each node's outcome (its reply, or the error a hint now covers)."""
         self.membership.refresh()
-        return self.replica_set.put_many(list(items))
+        outcomes = self.replica_set.put_many(list(items))
+        if self.edge is not None:
+            self.edge.place(items)
+        return outcomes
 
     def delete(self, keys: Sequence[bytes] | bytes) -> int:
         """Delete keys (one bytes key or a list) from every owner; raises below the write
@@ -227,6 +236,8 @@ class Client:
             else:
                 values = remote_values
                 self.replica_set.fetch(keys, orders, rest, values)
+                if self.edge is not None:
+                    self.edge.keep(keys, values, rest)
             for i in rest:
                 found[i] = values[i] is not None
             with self._reads_lock:
@@ -281,10 +292,14 @@ class Client:
         """Finish background work started so far: read repairs, and recency touches."""
         self.replica_set.flush(timeout)
         self._touches.flush()
+        if self.edge is not None:
+            self.edge.flush(timeout)
 
     def close(self) -> None:
         """Stop background work (undelivered hints are dropped: ``repair`` heals later)."""
         self._touches.close()
+        if self.edge is not None:
+            self.edge.close()
         self.local.close()
         self.replica_set.close()
         self.membership.close()

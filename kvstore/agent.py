@@ -65,6 +65,7 @@ class Rebalancer:
         self._stop = threading.Event()
         self._generation = 0
         self._shape = None
+        self.current: tuple[HashRing, int] | None = None
         self._published = 0.0
         self._window = (time.monotonic(), 0)  # throttle: start of the pass, bytes since
         member.watch.on_change = self._on_change
@@ -112,6 +113,7 @@ class Rebalancer:
             return False  # not (yet, or no longer) registered: nothing is ours
         ring = HashRing(nodes, view.vnodes)
         replication = min(view.replication, len(nodes))
+        self.current = (ring, replication)  # what eviction asks: owned here, or an edge copy
         ready = set(view.addresses(READY))
         self.status.update(passes=self.status["passes"] + 1, to_move=0, moved=0, bytes=0, failed=0)
         self._window = (time.monotonic(), 0)

@@ -8,6 +8,7 @@ import logging
 from prometheus_client import Gauge
 
 from .agent import Rebalancer
+from .edge import owned_here
 from .etcd_member import EtcdMember, EtcdSettings
 from .hints import HintAgent
 from .peers import Peers
@@ -28,6 +29,8 @@ class ClusterSide:
                                  "prefixes only; run auth clusters from a cluster file for now")
             self.member = EtcdMember(settings, node_id, address, host).start()  # raises if etcd is away
             self.rebalancer = Rebalancer(node.storage, self.peers, self.member, settings.rebalance_mbps * 1e6)
+            reb = self.rebalancer
+            node.storage.evictor.keep_first = owned_here(lambda: reb.current, address)
         self._gauges(node.metrics.registry)
         self.hints.start()
         if self.rebalancer is not None:

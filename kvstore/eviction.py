@@ -49,6 +49,7 @@ class Evictor:
         self.high_water = high_water
         self.tenant_quota = tenant_quota
         self.on_evict: Callable[[int], None] | None = None
+        self.keep_first: Callable[[bytes], bool] | None = None  # group id -> owned here (kvstore.edge)
         self.evicted_records = 0
         self._touch_lock = threading.Lock()
         self._touched: dict[bytes, int] = {}
@@ -135,7 +136,10 @@ class Evictor:
             s.ledger.touch(txn, self.take_touched())
             victims: list[bytes] = []
             planned = 0
-            for _last, gid, size in s.ledger.oldest(txn, tenant, exclude):
+            oldest = s.ledger.oldest(txn, tenant, exclude)
+            if self.keep_first is not None:  # edge copies (not owned here) go before owned groups
+                oldest.sort(key=lambda entry: self.keep_first(entry[1]))  # stable: LRU within each class
+            for _last, gid, size in oldest:
                 if planned >= need:
                     break
                 victims.append(gid)

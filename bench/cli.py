@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--record-tokens", default=None, help="tokens per record, comma-separated (default 2048,256)")
     c.add_argument("--repeats", type=int, default=None, help="timed repeats, best and median (default 5; quick 2)")
 
+    cl = sub.add_parser("cluster", help="prefill CDN: hosts in namespaces, etcd membership, edge tier on/off (not in `all`)")
+    _add_common(cl)
+    cl.add_argument("--seconds", type=float, default=None, help="reading time per run (default 60; quick 24)")
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
     a.add_argument("--model", default=None, help="reuse model (default smollm2, else tiny-qwen3)")
@@ -281,9 +284,19 @@ def _with_model_fallback(scenario: str, model: str | None, base: list[str]) -> N
         main([scenario, "--model", "tiny-qwen3", *base])
 
 
+def _run_cluster(args) -> None:
+    from . import cluster
+
+    seconds = args.seconds or (24.0 if args.quick else 60.0)
+    report = cluster.run(cluster.ClusterParams(seconds=seconds))
+    write_report(report, args.out)
+    if not report.figures["target_met"]:
+        print("kvbench cluster: target not met: local share with the edge tier below 0.8", file=sys.stderr)
+
+
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
            "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "peers": _run_peers, "vllm": _run_vllm,
-           "compress": _run_compress, "all": _run_all}
+           "compress": _run_compress, "cluster": _run_cluster, "all": _run_all}
 
 
 def unmet_targets(out: str, since: float) -> list[str]:

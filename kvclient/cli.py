@@ -15,6 +15,7 @@ from collections import Counter
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # before grpc loads: errors are our one line
 
+from . import market_cli
 from .client import Client
 from .cluster import parse_nodes
 from .healing import rebalance
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     reb.add_argument("--prune", action="store_true", help="also delete copies from nodes that no longer own them")
     ring = command("ring", "ring layout: share of the key space per node, or a key's owners")
     ring.add_argument("key", nargs="?")
+    market_cli.add_commands(command)
     return p
 
 
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     with Client(args.nodes, replication=args.replication, timeout=args.timeout, token=args.token,
                 tls_ca=args.tls_ca, etcd=args.etcd, cluster=args.cluster) as client:
         command = args.command
+        if command in market_cli.COMMANDS:
+            return market_cli.run(client, args)
         if command == "status":
             from .etcd_membership import cluster_status
 

@@ -1,0 +1,127 @@
+"""kvctl's market commands: publish, grant, revoke, listings, usage, bill, audit (docs/market.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from datetime import datetime, timezone
+
+from .market import Market
+
+COMMANDS = ("publish", "grant", "revoke", "listings", "usage", "bill", "audit")
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_commands(command) -> None:
+    pub = command("publish", "publish a signed listing: a manifest file (kvproto.market) and your Ed25519 key")
+    pub.add_argument("manifest", help="the manifest (canonical JSON)")
+    pub.add_argument("--key", required=True, help="the publisher's Ed25519 private key (PEM)")
+    for name, what in (("grant", "let TENANT load LISTING"), ("revoke", "end TENANT's grant to LISTING")):
+        sub = command(name, what)
+        sub.add_argument("listing")
+        sub.add_argument("tenant")
+    lst = command("listings", "the listings you may read (JSON)")
+    lst.add_argument("listing", nargs="?", default="")
+    usage = command("usage", "metered usage per tenant and per listing (JSON)")
+    usage.add_argument("--tenant", default="", help="whose (default: yours; '*' for all, admins only)")
+    usage.add_argument("--since", default=None, help="ISO time, epoch seconds, or an age: 30m, 24h, 7d")
+    usage.add_argument("--until", default=None, help="as --since (default: now)")
+    bill = command("bill", "statements per tenant for a period, publishers' earnings (JSON)")
+    bill.add_argument("--tariff", required=True, help="tariff JSON: {\"preset\": NAME, ...overrides}")
+    bill.add_argument("--period", default=None, help="START..END (each as --since), default: everything")
+    bill.add_argument("--tenant", default="*", help="whose usage to bill (default '*': all, admins only)")
+    audit = command("audit", "recompute random blocks of a listing and compare; mark it failed if they differ")
+    audit.add_argument("listing")
+    audit.add_argument("--model", required=True, help="model name (inference.models) or directory")
+    audit.add_argument("--blocks", type=int, default=4, help="blocks to recompute (default 4)")
+    audit.add_argument("--dtype", default="float32")
+    audit.add_argument("--seed", type=int, default=None)
+    audit.add_argument("--atol", type=float, default=0.0, help="tolerance (0: bit for bit, same device and dtype)")
+    audit.add_argument("--no-mark", action="store_true", help="report only, do not mark the listing")
+
+
+def parse_time(text: str | None, now: float | None = None) -> int:
+    """Nanoseconds since the epoch of an ISO time, epoch seconds or an age ('24h'); 0 for None."""
+    if text is None or text == "":
+        return 0
+    now = time.time() if now is None else now
+    match = _RELATIVE.match(text.strip())
+    if match:
+        return int((now - float(match.group(1)) * _UNIT[match.group(2)]) * 1e9)
+    try:
+        return int(float(text) * 1e9)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"time {text!r}: use ISO 8601, epoch seconds or an age like 24h") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1e9)
+
+
+def run(client, args: argparse.Namespace) -> int:
+    market = Market(client)
+    command = args.command
+    if command == "publish":
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        with open(args.manifest, "rb") as f:
+            manifest = f.read().strip()
+        with open(args.key, "rb") as f:
+            key = load_pem_private_key(f.read(), password=None)
+        checked = market.publish(manifest, key)
+        print(f"published: {checked} records checked by their nodes")
+    elif command in ("grant", "revoke"):
+        changed = market.grant(args.listing, args.tenant, revoke=command == "revoke")
+        print(f"{command} {args.listing} {args.tenant}: {'done' if changed else 'no change'}")
+    elif command == "listings":
+        out = [{"listing": v.manifest.listing, "publisher": v.manifest.publisher, "tokens": v.manifest.tokens,
+                "records": len(v.manifest.records), "fingerprint": v.manifest.fingerprint,
+                "price_per_1k_loaded": v.manifest.price_per_1k_loaded, "visibility": v.manifest.visibility,
+                "status": v.status, "grants": v.grants} for v in market.listings(args.listing)]
+        print(json.dumps(out, indent=2))
+    elif command == "usage":
+        usage = market.usage(args.tenant, parse_time(args.since), parse_time(args.until))
+        print(json.dumps({k: u.as_dict() for k, u in sorted(usage.items())}, indent=2))
+    elif command == "bill":
+        from .billing import bill, load_tariff
+
+        tariff = load_tariff(args.tariff)  # a bad file fails before any call
+        since, until = period(args.period)
+        usage = market.usage(args.tenant, since, until)
+        print(json.dumps(bill(usage, market.listings(), tariff), indent=2))
+    elif command == "audit":
+        return _audit(client, market, args)
+    return 0
+
+
+def period(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 0
+    start, sep, end = text.partition("..")
+    if not sep:
+        raise ValueError(f"--period {text!r}: START..END (either side may be empty)")
+    return parse_time(start), parse_time(end)
+
+
+def _audit(client, market: Market, args) -> int:
+    import torch
+
+    from inference.listings import audit_listing
+    from inference.models import load_model
+
+    views = market.listings(args.listing)
+    if not views:
+        raise ValueError(f"no listing {args.listing!r} you may read")
+    model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+    result = audit_listing(client, views[0], model, args.blocks, args.seed, args.atol)
+    out = {"listing": result.listing, "blocks": result.blocks, "ok": result.ok, "failed": result.failed}
+    if not result.ok and not args.no_mark:
+        out["status"] = market.mark(args.listing, failed=True, evidence=result.failed[0])
+    print(json.dumps(out, indent=2))
+    return 0 if result.ok else 3

@@ -141,10 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("cluster", help="prefill CDN: hosts in namespaces, etcd membership, edge tier on/off (not in `all`)")
     _add_common(cl)
     cl.add_argument("--seconds", type=float, default=None, help="reading time per run (default 60; quick 24)")
+    mk = sub.add_parser("market", help="context market: buyers x listings priced from measured reuse (not in `all`)")
+    _add_common(mk)
+    mk.add_argument("--model", default="tiny-qwen3")
+    mk.add_argument("--doc-tokens", type=int, default=2000)
     a = sub.add_parser("all", help="every scenario, then economics over their results")
     _add_common(a)
     a.add_argument("--model", default=None, help="reuse model (default smollm2, else tiny-qwen3)")
     return ap
+
+
+def _run_market(args) -> None:
+    from . import market
+
+    write_report(market.run(market.MarketParams(model=args.model, doc_tokens=args.doc_tokens)), args.out)
 
 
 def _run_economics(args) -> None:
@@ -296,7 +306,7 @@ def _run_cluster(args) -> None:
 
 RUNNERS = {"economics": _run_economics, "transport": _run_transport, "topology": _run_topology,
            "reuse": _run_reuse, "load": _run_load, "stripe": _run_stripe, "peers": _run_peers, "vllm": _run_vllm,
-           "compress": _run_compress, "cluster": _run_cluster, "all": _run_all}
+           "compress": _run_compress, "cluster": _run_cluster, "market": _run_market, "all": _run_all}
 
 
 def unmet_targets(out: str, since: float) -> list[str]:

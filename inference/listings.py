@@ -205,6 +205,7 @@ class ListingReader:
 
     def settled(self, store, result) -> None:
         """After a request: report its prompt (token hit ratio) and any record provenance refused."""
+        self.last_store = store
         if isinstance(store, ListingStore) and store.rejected:
             self.stats["provenance_rejected"] += len(store.rejected)
             result.miss_reasons["provenance"] += len(store.rejected)

@@ -58,7 +58,7 @@ def test_five_loads_are_metered_exactly_across_a_sigkill_and_restarts(process_wo
         w.market("beta").entries(tenant="alpha")  # nobody reads another tenant's meter
 
 
-def test_bill_reconciles_with_usage_for_three_tenants(world, tmp_path, capsys):
+def test_bill_reconciles_with_usage_for_three_tenants(world, tmp_path, capsys):  # noqa: F811
     publish(world, visibility="public", price=0.5)
     for tenant, loads in (("beta", 2), ("gamma", 1)):
         gen = world.buyer(tenant)

@@ -7,7 +7,10 @@ import hashlib
 import os
 
 from kvclient import Client
-from tests.etcd_server import etcd, needs_etcd  # noqa: F401  (fixture)
+from tests import etcd_server
+from tests.etcd_server import needs_etcd
+
+etcd = etcd_server.etcd  # the fixture
 from tests.test_etcd_membership import etcd_node, wait_for
 
 pytestmark = needs_etcd

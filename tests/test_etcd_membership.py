@@ -11,7 +11,10 @@ import pytest
 
 from kvclient import Client
 from tests.conftest import REPO
-from tests.etcd_server import EtcdServer, etcd, needs_etcd  # noqa: F401  (fixture)
+from tests import etcd_server
+from tests.etcd_server import EtcdServer, needs_etcd
+
+etcd = etcd_server.etcd  # the fixture
 
 pytestmark = needs_etcd
 TTL = 2

@@ -27,13 +27,14 @@ import threading
 import time
 from collections import defaultdict
 
-from kvproto.errors import Corrupt, KVCacheError
+from kvproto.errors import KVCacheError
 from kvproto.etcd import JOINING, READY, ClusterView
 from kvproto.hints import is_hint
 from kvproto.ring import HashRing
 from kvproto.tombstones import deleted_key, tombstone_key
 
 from .etcd_member import EtcdMember
+from .hints import local_records
 from .peers import Peers
 from .storage import IncomingRecord, Storage
 
@@ -185,14 +186,7 @@ class Rebalancer:
         for target, keys in missing.items():
             for at in range(0, len(keys), BATCH):
                 self._check(generation)
-                items = []
-                for key in keys[at : at + BATCH]:
-                    try:
-                        value = self.storage.get(key)
-                    except Corrupt:
-                        value = None
-                    if value is not None:
-                        items.append((key, value))
+                items = local_records(self.storage, keys[at : at + BATCH])
                 try:
                     if items:
                         self.peers(target).put(items, self.timeout)

@@ -30,6 +30,19 @@ BATCH = 64
 MAX_BACKOFF = 10.0
 
 
+def local_records(storage: Storage, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(key, payload) of the keys this node holds intact (missing and damaged ones left out)."""
+    items: list[tuple[bytes, bytes]] = []
+    for key in keys:
+        try:
+            value = storage.get(key)
+        except Corrupt:
+            value = None
+        if value is not None:
+            items.append((key, value))
+    return items
+
+
 class HintAgent:
     def __init__(self, storage: Storage, peers: Peers, interval: float = 0.5, timeout: float = 10.0,
                  ) -> None:
@@ -84,14 +97,7 @@ class HintAgent:
         return sent
 
     def _deliver(self, target: str, batch: list[tuple[bytes, bytes]]) -> bool:
-        items: list[tuple[bytes, bytes]] = []
-        for _, key in batch:
-            try:
-                value = self.storage.get(key)
-            except Corrupt:
-                value = None
-            if value is not None:
-                items.append((key, value))
+        items = local_records(self.storage, [key for _, key in batch])
         try:
             if items:
                 self.peers(target).put(items, self.timeout + sum(len(v) for _, v in items) / 50e6)

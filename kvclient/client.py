@@ -232,7 +232,10 @@ class Client:
         if rest:
             if remote_values is None:  # the sink takes each record as it arrives
                 values: list[bytes | None] = [None] * len(keys)
-                self.replica_set.fetch(keys, orders, rest, values, sink)
+                copies = {} if self.edge is not None and self.edge.local is not None else None
+                self.replica_set.fetch(keys, orders, rest, values, sink, copies)
+                if copies:  # what the model loaded from remote owners stays on this host's node
+                    self.edge.keep(keys, [copies.get(i) for i in range(len(keys))], list(copies))
             else:
                 values = remote_values
                 self.replica_set.fetch(keys, orders, rest, values)

@@ -236,13 +236,15 @@ class ReplicaSet:
                                      orders, indices, ask, settled)
 
     def fetch(self, keys: Sequence[bytes], orders: Sequence[Sequence[str]], indices: Iterable[int],
-              results: list[bytes | None], sink: Sink | None = None) -> None:
+              results: list[bytes | None], sink: Sink | None = None,
+              copies: dict[int, bytes] | None = None) -> None:
         """Fill results[i] for `indices` from their replicas in order; raise Unavailable for any
         key that no replica answered; write back to replicas that lacked or damaged a record.
 
         With `sink`, each record goes to sink([(i, view, None)]) as it arrives instead (verified,
         one call at a time), received into a connection's reusable buffer: no fresh memory per
-        record; results[i] then only marks what was found (b"")."""
+        record; results[i] then only marks what was found (b""), and `copies`, if given, gets a
+        copy of each (for the edge tier)."""
         lacking: dict[int, list[str]] = defaultdict(list)  # replicas that answered missing/corrupt
         owed: dict[int, bytes] = {}  # what read repair writes back
 
@@ -267,6 +269,8 @@ class ReplicaSet:
                     else:
                         sink([(i, memoryview(value), None)])
                         results[i] = b""
+                        if copies is not None:
+                            copies[i] = bytes(value)
                     if lacking.get(i):  # a replica before this one lacked it
                         owed[i] = value if sink is None else bytes(value)
 

@@ -36,6 +36,28 @@ def test_remote_reads_become_local_edge_copies(etcd, spawn_node, monkeypatch):
         assert client.reads["remote"] == before["remote"]
         # not counted toward replication: the owners still hold every key
         assert all(client.ring.owners(k, 2) for k in remote)
+    # the inference path (read_into into a sink) keeps edge copies too
+    more = {hashlib.sha256(f"edge-sink-{i}".encode()).digest(): os.urandom(4096) for i in range(100)}
+    monkeypatch.delenv("KVCACHE_HOST_ID")
+    with Client(etcd=etcd.endpoint, cluster="t", timeout=3) as writer:
+        wait_for(lambda: len(writer.ring.nodes) == 3, 2.0)
+        writer.put_many(list(more.items()))
+    monkeypatch.setenv("KVCACHE_HOST_ID", "host-0")
+    with Client(etcd=etcd.endpoint, cluster="t", timeout=3) as client:
+        remote = [k for k in more if nodes[0].address not in client.ring.owners(k, 2)]
+        got: dict[int, bytes] = {}
+
+        def sink(batch):
+            for i, view, _ in batch:
+                got[i] = bytes(view)
+
+        assert client.read_into(remote, sink) == [True] * len(remote)
+        assert [got[i] for i in range(len(remote))] == [more[k] for k in remote]
+        client.flush()
+        assert client.edge.kept == len(remote)
+        before = dict(client.reads)
+        assert client.read_into(remote, sink) == [True] * len(remote)
+        assert client.reads["colocated"] - before["colocated"] == len(remote)
 
 
 def test_edge_copies_are_evicted_before_owned_records():

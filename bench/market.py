@@ -109,8 +109,9 @@ def price(p: MarketParams, measured: dict) -> dict:
     """The market from the measured ratio (pure: tested without a model)."""
     from kvclient.billing import tariff_from
 
-    tariff = tariff_from({"preset": p.tariff, "market_fee": p.market_fee, "economics_preset": p.economics_preset})
     econ = ECON[p.economics_preset]
+    tariff = tariff_from({"preset": p.tariff, "market_fee": p.market_fee, "gpu_usd_per_hour": econ.gpu_usd_per_hour,
+                          "prefill_tokens_per_s": econ.prefill_tokens_per_s, "reuse_speedup": measured["ratio"]})
     r = measured["ratio"]
     tokens = measured.get("doc_tokens", p.doc_tokens)
     per_tok = tariff.input_usd_per_mtok / 1e6

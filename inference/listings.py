@@ -289,3 +289,40 @@ def _differs(fresh: bytes, stored: bytes | None, atol: float) -> str:
         if a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=0):
             return ""
     return "recomputed KV differs from the stored record"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m inference.listings audit LISTING --nodes ... --model M` (what `kvctl audit` runs):
+    prints {"listing", "blocks", "ok", "failed"} as JSON; exit 3 when the listing fails."""
+    import argparse
+    import json
+    import os
+
+    from kvclient import Client
+
+    from .models import load_model
+
+    p = argparse.ArgumentParser(prog="python -m inference.listings")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("audit")
+    a.add_argument("listing")
+    a.add_argument("--nodes", required=True)
+    a.add_argument("--model", required=True)
+    a.add_argument("--blocks", type=int, default=4)
+    a.add_argument("--dtype", default="float32")
+    a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--atol", type=float, default=0.0)
+    args = p.parse_args(argv)
+    token = os.environ.get("KVCTL_AUDIT_TOKEN") or None  # never on the command line (ps shows it)
+    with Client(args.nodes, replication=len(args.nodes.split(",")), token=token) as client:
+        views = Market(client).listings(args.listing)
+        if not views:
+            raise SystemExit(f"no listing {args.listing!r} you may read")
+        model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+        result = audit_listing(client, views[0], model, args.blocks, args.seed, args.atol)
+    print(json.dumps({"listing": result.listing, "blocks": result.blocks, "ok": result.ok, "failed": result.failed}))
+    return 0 if result.ok else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

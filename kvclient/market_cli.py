@@ -110,18 +110,24 @@ def period(text: str | None) -> tuple[int, int]:
 
 
 def _audit(client, market: Market, args) -> int:
-    import torch
+    """The recompute needs a model: it runs in `python -m inference.listings audit` (the client
+    library never imports the model glue); the marking is this client's."""
+    import os
+    import subprocess
+    import sys
 
-    from inference.listings import audit_listing
-    from inference.models import load_model
-
-    views = market.listings(args.listing)
-    if not views:
+    if not market.listings(args.listing):
         raise ValueError(f"no listing {args.listing!r} you may read")
-    model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
-    result = audit_listing(client, views[0], model, args.blocks, args.seed, args.atol)
-    out = {"listing": result.listing, "blocks": result.blocks, "ok": result.ok, "failed": result.failed}
-    if not result.ok and not args.no_mark:
-        out["status"] = market.mark(args.listing, failed=True, evidence=result.failed[0])
+    cmd = [sys.executable, "-m", "inference.listings", "audit", args.listing, "--nodes", ",".join(client.ring.nodes),
+           "--model", args.model, "--blocks", str(args.blocks), "--dtype", args.dtype, "--atol", str(args.atol)]
+    if args.seed is not None:
+        cmd += ["--seed", str(args.seed)]
+    env = dict(os.environ, KVCTL_AUDIT_TOKEN=args.token or "")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode not in (0, 3):
+        raise ValueError(f"audit failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    out = json.loads(done.stdout)
+    if not out["ok"] and not args.no_mark:
+        out["status"] = market.mark(args.listing, failed=True, evidence=out["failed"][0])
     print(json.dumps(out, indent=2))
-    return 0 if result.ok else 3
+    return 0 if out["ok"] else 3

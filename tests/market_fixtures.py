@@ -34,7 +34,7 @@ class World:
 
     def client(self, tenant: str, **kw) -> Client:
         if tenant not in self.clients:
-            self.clients[tenant] = Client(self.nodes, replication=len(self.nodes), token=TOKENS[tenant], timeout=5, **kw)
+            self.clients[tenant] = Client(self.nodes, replication=len(self.nodes), token=TOKENS[tenant], timeout=15, **kw)
         return self.clients[tenant]
 
     def market(self, tenant: str) -> Market:

@@ -76,11 +76,13 @@ def test_audit_flags_kv_of_another_text_and_the_listing_is_no_longer_served(worl
     gen = world.buyer("beta")
     # the forgery passes every digest: the manifest was signed over the forged records
     assert gen.generate(ids, 2, do_sample=False).cached_tokens == 7 * BLOCK
-    auditor = world.market("auditor")
-    view = auditor.listings("doc-1")[0]
-    result = audit_listing(world.client("auditor"), view, world.model, k=4, seed=0)
-    assert not result.ok and len(result.blocks) == 4
-    assert auditor.mark("doc-1", failed=True, evidence=result.failed[0]).startswith("failed")
+    from kvclient import cli as kvctl
+    from tests.market_fixtures import TOKENS
+
+    code = kvctl.main(["--nodes", ",".join(world.nodes), "--token", TOKENS["auditor"], "audit", "doc-1",
+                       "--model", "tiny-qwen3", "--blocks", "4", "--seed", "0"])
+    assert code == 3  # flagged, and marked failed on every node
+    assert world.market("auditor").listings("doc-1")[0].status.startswith("failed: block")
     later = gen.generate(ids, 6, do_sample=False)
     assert later.cached_tokens == 0 and later.new_tokens.tolist() == world.expected(ids)
 

@@ -68,13 +68,14 @@ def test_bill_reconciles_with_usage_for_three_tenants(world, tmp_path, capsys): 
     doc_tokens = 7 * BLOCK
     assert usage["beta"].tokens_loaded == 2 * doc_tokens and usage["gamma"].tokens_loaded == doc_tokens
     tariff_file = tmp_path / "tariff.json"
-    tariff_file.write_text(json.dumps({"preset": "gemini-explicit", "market_fee": 0.25}))
+    econ = {"gpu_usd_per_hour": 4.6, "prefill_tokens_per_s": 256.6, "reuse_speedup": 49.7}  # bench.economics paper
+    tariff_file.write_text(json.dumps({"preset": "gemini-explicit", "market_fee": 0.25, **econ}))
     code = kvctl.main(["--nodes", ",".join(world.nodes), "--token", TOKENS["auditor"], "bill", "--tariff",
                        str(tariff_file), "--period", ".."])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     by = {s["tenant"]: s for s in out["statements"]}
-    tariff = tariff_from({"preset": "gemini-explicit", "market_fee": 0.25})
+    tariff = tariff_from({"preset": "gemini-explicit", "market_fee": 0.25, **econ})
     ours = bill(usage, world.market("auditor").listings(), tariff)
     assert {s["tenant"] for s in ours["statements"]} == set(by) == {"alpha", "beta", "gamma"}
     read = tariff.input_usd_per_mtok / 1e6 * tariff.cache_read_multiplier

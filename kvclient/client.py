@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 
 from kvproto import record
 from kvproto.errors import KVCacheError
+from kvproto.market import split_listing_key
+from kvproto.pb import kvcache_pb2 as pb
 from kvproto.store import Sink
 
 from .colocated import ColocatedReader
+from .colocated_meter import ColocatedMeter
 from .colocated_reads import ColocatedReaders
 from .edge import EdgeTier
 from .healing import HintQueue, RebalanceReport, rebalance
@@ -100,6 +103,10 @@ class Client:
         self.reads = {"colocated": 0, "remote": 0}  # records read through the map / the network
         self._reads_lock = threading.Lock()
         self._touches = TouchBatcher(self.replica_set.touch)
+        # reads through a node's map, reported to that node's meter (kvclient.colocated_meter)
+        self._meter = ColocatedMeter(self._report)
+        self._market = None
+        self.local.on_read = self._meter.add
         # the edge tier needs to know this host's node: membership from etcd (kvclient.edge)
         self.edge = EdgeTier(self.membership, self.replica_set.conn, timeout) if edge and etcd is not None else None
 
@@ -157,6 +164,10 @@ class Client:
         if not self.colocated:
             return orders, {}, {}, [False] * len(keys)
         readers, local, all_local = self.local.groups(self.membership.ring.nodes, orders)
+        listed = {i for i, key in enumerate(keys) if split_listing_key(key) is not None}
+        if listed:  # another tenant's record, read under a grant: only the node may serve (and meter) it
+            local = {node: kept for node, idx in local.items() if (kept := [i for i in idx if i not in listed])}
+            all_local = [flag and i not in listed for i, flag in enumerate(all_local)]
         return orders, readers, local, all_local
 
     def put(self, key: bytes, value: bytes | memoryview) -> Placement:
@@ -291,16 +302,27 @@ class Client:
                 out[node] = f"error: {exc}"
         return out
 
+    def _report(self, node: str, entries: list) -> None:
+        """The Report call to `node`: its meter learns of reads through its map."""
+        if self._market is None:
+            from .market import Market  # imports this module: resolved at first use
+
+            self._market = Market(self)
+        self._market._call(node, "Report", pb.ReportRequest(entries=entries))
+
     def flush(self, timeout: float | None = None) -> None:
-        """Finish background work started so far: read repairs, and recency touches."""
+        """Finish background work started so far: read repairs, recency touches, and the
+        reports of co-located reads."""
         self.replica_set.flush(timeout)
         self._touches.flush()
+        self._meter.flush()
         if self.edge is not None:
             self.edge.flush(timeout)
 
     def close(self) -> None:
         """Stop background work (undelivered hints are dropped: ``repair`` heals later)."""
         self._touches.close()
+        self._meter.close()
         if self.edge is not None:
             self.edge.close()
         self.local.close()

@@ -38,6 +38,7 @@ class ColocatedReaders:
         self._lock = threading.Lock()
         self._readers: dict[str, ColocatedReader | None] = {}
         self._attaching: dict[str, threading.Event] = {}  # node -> set when its attach ended
+        self.on_read: Callable[[str, list], None] | None = None  # (node, batch) after each co-located batch
         self._retry_at: dict[str, float] = {}  # node -> when to ask a node that did not answer again
         self._closed = False
 
@@ -120,6 +121,8 @@ class ColocatedReaders:
                 batch = [(i, view, digest) for i, (view, digest) in zip(idx, views) if view is not None]
                 if batch:
                     sink(batch)
+                    if self.on_read is not None:
+                        self.on_read(node, batch)  # metering: the node does not see this read
             for i, _, _ in batch:
                 found[i] = True
             count += len(batch)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass
 
 RECORD_KEY_BYTES = 34
@@ -195,3 +196,15 @@ def verify(manifest: bytes, signature: bytes, public_key: bytes) -> None:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, manifest)
     except (InvalidSignature, ValueError):
         raise ManifestError("manifest signature does not verify against the publisher's key") from None
+
+
+KV_MAGIC = b"KVB1"  # inference.codec's record header: magic, version, dtype, codec, ?, layer, shape
+KV_HEADER = struct.Struct("<4sHHBBH4I")
+
+
+def block_tokens(payload: memoryview | bytes) -> int:
+    """Tokens of a layer-0 KV record (inference.codec header), 0 for anything else."""
+    if len(payload) < KV_HEADER.size or bytes(payload[:4]) != KV_MAGIC:
+        return 0
+    fields = KV_HEADER.unpack_from(payload)
+    return fields[8] if fields[5] == 0 else 0  # shape [2, kv_heads, tokens, head_dim]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import lmdb
 
 from kvproto import market as mk
+from kvproto.market import block_tokens
 from kvproto.errors import FailedPrecondition, InvalidArgument, NotFound
 from kvproto.pb import kvcache_pb2 as pb
 
@@ -37,20 +38,10 @@ log = logging.getLogger(__name__)
 
 MARKET_DB = b"market"
 U64 = struct.Struct(">Q")
-KV_MAGIC = b"KVB1"  # inference.codec's record header: magic, version, dtype, codec, ?, layer, shape
-KV_HEADER = struct.Struct("<4sHHBBH4I")
 MAX_TENANT_LABELS = 64
 COUNTERS = ("tokens_loaded", "bytes_served", "records_served", "blocks_written", "prompt_tokens",
             "cached_tokens")
 REPORT_KINDS = ("colocated", "prompt", "rejected")
-
-
-def block_tokens(payload: memoryview | bytes) -> int:
-    """Tokens of a layer-0 KV record (inference.codec header), 0 for anything else."""
-    if len(payload) < KV_HEADER.size or bytes(payload[:4]) != KV_MAGIC:
-        return 0
-    fields = KV_HEADER.unpack_from(payload)
-    return fields[8] if fields[5] == 0 else 0  # shape [2, kv_heads, tokens, head_dim]
 
 
 @dataclass

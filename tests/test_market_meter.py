@@ -9,7 +9,7 @@ import pytest
 
 from kvclient import cli as kvctl
 from kvclient.billing import bill, tariff_from
-from kvstore.market import block_tokens
+from kvproto.market import block_tokens
 from tests.market_fixtures import BLOCK, TOKENS, make_world, publish, world  # noqa: F401 - the fixture
 
 

@@ -61,8 +61,20 @@ def public_key_hex(private_key) -> str:
 
 def publish_document(generator, client, tokens: list[int], listing: str, publisher: str, private_key, *,
                      price_per_1k_loaded: float, price_per_1m_token_hours: float = 0.0,
-                     visibility: str = "granted") -> mk.Manifest:
-    """Sign and publish the stored blocks of `tokens` in the generator's own namespace."""
+                     visibility: str = "granted", audit_blocks: int = 0) -> mk.Manifest:
+    """Sign and publish the stored blocks of `tokens` in the generator's own namespace
+    (`audit_blocks` > 0: pending until an audit of that many blocks passes, docs/market.md)."""
+    raw = document_manifest(generator, client, tokens, listing, publisher, price_per_1k_loaded=price_per_1k_loaded,
+                            price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
+    Market(client).publish(raw, private_key, audit_blocks=audit_blocks)
+    return mk.parse_manifest(raw)
+
+
+def document_manifest(generator, client, tokens: list[int], listing: str, publisher: str, *,
+                      price_per_1k_loaded: float, price_per_1m_token_hours: float = 0.0,
+                      visibility: str = "granted") -> bytes:
+    """The canonical manifest of the stored blocks of `tokens` in the generator's namespace
+    (what `kvctl publish MANIFEST` takes)."""
     plan = generator.plan(tokens)
     layers = generator.layout.num_layers
     keys = [record_key(key, layer) for key, _, _ in plan.segments() for layer in range(layers)]
@@ -76,8 +88,7 @@ def publish_document(generator, client, tokens: list[int], listing: str, publish
                             namespace=generator.namespace, block_size=generator.block_size, layers=layers,
                             token_ids=tokens, records=records, price_per_1k_loaded=price_per_1k_loaded,
                             price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
-    Market(client).publish(raw, private_key)
-    return mk.parse_manifest(raw)
+    return raw
 
 
 class ListingStore:

@@ -43,11 +43,16 @@ class ListingView:
     grants: list[str]
     published_ns: int
     withdrawn_ns: int
+    audit_blocks: int = 0  # blocks an audit must recompute to clear "pending audit"
 
     @classmethod
     def of(cls, info: pb.ListingInfo) -> "ListingView":
         return cls(mk.parse_manifest(info.manifest), info.signature, info.public_key, info.status,
-                   list(info.grants), info.published_ns, info.withdrawn_ns)
+                   list(info.grants), info.published_ns, info.withdrawn_ns, info.audit_blocks)
+
+    @property
+    def full_blocks(self) -> int:
+        return len(self.manifest.token_ids) // self.manifest.block_size
 
 
 @dataclass
@@ -102,9 +107,11 @@ class Market:
         return {node: self._call(node, name, request) for node in self._nodes()}
 
     # ---- publisher -----------------------------------------------------------------------
-    def publish(self, manifest: bytes, private_key) -> int:
+    def publish(self, manifest: bytes, private_key, audit_blocks: int = 0) -> int:
         """Publish a signed manifest to every node; each checks the records it owns. Returns
-        the records checked. InvalidArgument before anything is sent if a record is absent."""
+        the records checked. InvalidArgument before anything is sent if a record is absent.
+        `audit_blocks` > 0: the listing is "pending audit", served to nobody until an audit that
+        recomputed that many blocks passes (``mark``); a node's --market-audit-rate may ask more."""
         parsed = mk.parse_manifest(manifest)
         keys = [key for key, _, _ in parsed.records]
         missing = sum(1 for present in self.client.exists(keys) if not present)
@@ -118,7 +125,8 @@ class Market:
         checked = 0
         for node in self._nodes():  # a node that owns none of it still keeps it (grants, usage)
             request = pb.PublishRequest(manifest=manifest, signature=signature, public_key=public,
-                                        expect=owned.get(node, []), owns_none=not owned.get(node))
+                                        expect=owned.get(node, []), owns_none=not owned.get(node),
+                                        audit_blocks=audit_blocks)
             checked += self._call(node, "Publish", request).checked
         return checked
 
@@ -129,8 +137,10 @@ class Market:
     def revoke(self, listing: str, tenant: str) -> bool:
         return self.grant(listing, tenant, revoke=True)
 
-    def mark(self, listing: str, failed: bool, evidence: str = "") -> str:
-        replies = self._all("Audit", pb.AuditRequest(listing=listing, failed=failed, evidence=evidence))
+    def mark(self, listing: str, failed: bool, evidence: str = "", blocks: int = 0) -> str:
+        """Record an audit's outcome on every node: failed (with evidence), or passed after
+        recomputing `blocks` blocks (a pass clears "pending audit" when it covers audit_blocks)."""
+        replies = self._all("Audit", pb.AuditRequest(listing=listing, failed=failed, evidence=evidence, blocks=blocks))
         return next(iter(replies.values())).status
 
     # ---- readers -------------------------------------------------------------------------
@@ -148,7 +158,7 @@ class Market:
             for info in reply.listings:
                 view = ListingView.of(info)
                 have = found.get(view.manifest.listing)
-                if have is None or (have.status == "ok" and view.status != "ok"):
+                if have is None or (have.status == "ok" and view.status != "ok") or view.status.startswith("failed"):
                     found[view.manifest.listing] = view
         if errors and len(errors) == len(self._nodes()):
             raise errors[0]

@@ -19,6 +19,10 @@ def add_commands(command) -> None:
     pub = command("publish", "publish a signed listing: a manifest file (kvproto.market) and your Ed25519 key")
     pub.add_argument("manifest", help="the manifest (canonical JSON)")
     pub.add_argument("--key", required=True, help="the publisher's Ed25519 private key (PEM)")
+    pub.add_argument("--audit-rate", type=float, default=0.0,
+                     help="recompute this share of the listing's full blocks (at least 1) before anyone may "
+                          "load it: the listing stays 'pending audit' until the audit passes (needs --model)")
+    _audit_flags(pub, model_required=False)
     for name, what in (("grant", "let TENANT load LISTING"), ("revoke", "end TENANT's grant to LISTING")):
         sub = command(name, what)
         sub.add_argument("listing")
@@ -33,14 +37,23 @@ def add_commands(command) -> None:
     bill.add_argument("--tariff", required=True, help="tariff JSON: {\"preset\": NAME, ...overrides}")
     bill.add_argument("--period", default=None, help="START..END (each as --since), default: everything")
     bill.add_argument("--tenant", default="*", help="whose usage to bill (default '*': all, admins only)")
-    audit = command("audit", "recompute random blocks of a listing and compare; mark it failed if they differ")
+    audit = command("audit", "recompute random blocks of a listing and compare; mark it failed if they differ, "
+                             "passed if it was pending audit")
     audit.add_argument("listing")
-    audit.add_argument("--model", required=True, help="model name (inference.models) or directory")
-    audit.add_argument("--blocks", type=int, default=4, help="blocks to recompute (default 4)")
-    audit.add_argument("--dtype", default="float32")
-    audit.add_argument("--seed", type=int, default=None)
-    audit.add_argument("--atol", type=float, default=0.0, help="tolerance (0: bit for bit, same device and dtype)")
+    _audit_flags(audit, model_required=True)
+    audit.add_argument("--blocks", type=int, default=None,
+                       help="blocks to recompute (default: what the listing's pending audit asks, else 4)")
     audit.add_argument("--no-mark", action="store_true", help="report only, do not mark the listing")
+    audit.add_argument("--clear", action="store_true",
+                       help="a pass also clears a failed listing (market admins only)")
+
+
+def _audit_flags(sub, model_required: bool) -> None:
+    sub.add_argument("--model", required=model_required, default=None,
+                     help="model name (inference.models) or directory, to recompute blocks")
+    sub.add_argument("--dtype", default="float32")
+    sub.add_argument("--seed", type=int, default=None)
+    sub.add_argument("--atol", type=float, default=0.0, help="tolerance (0: bit for bit, same device and dtype)")
 
 
 def parse_time(text: str | None, now: float | None = None) -> int:
@@ -68,14 +81,7 @@ def run(client, args: argparse.Namespace) -> int:
     market = Market(client)
     command = args.command
     if command == "publish":
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-        with open(args.manifest, "rb") as f:
-            manifest = f.read().strip()
-        with open(args.key, "rb") as f:
-            key = load_pem_private_key(f.read(), password=None)
-        checked = market.publish(manifest, key)
-        print(f"published: {checked} records checked by their nodes")
+        return _publish(client, market, args)
     elif command in ("grant", "revoke"):
         changed = market.grant(args.listing, args.tenant, revoke=command == "revoke")
         print(f"{command} {args.listing} {args.tenant}: {'done' if changed else 'no change'}")
@@ -83,7 +89,8 @@ def run(client, args: argparse.Namespace) -> int:
         out = [{"listing": v.manifest.listing, "publisher": v.manifest.publisher, "tokens": v.manifest.tokens,
                 "records": len(v.manifest.records), "fingerprint": v.manifest.fingerprint,
                 "price_per_1k_loaded": v.manifest.price_per_1k_loaded, "visibility": v.manifest.visibility,
-                "status": v.status, "grants": v.grants} for v in market.listings(args.listing)]
+                "status": v.status, "audit_blocks": v.audit_blocks, "grants": v.grants}
+               for v in market.listings(args.listing)]
         print(json.dumps(out, indent=2))
     elif command == "usage":
         usage = market.usage(args.tenant, parse_time(args.since), parse_time(args.until))
@@ -109,25 +116,73 @@ def period(text: str | None) -> tuple[int, int]:
     return parse_time(start), parse_time(end)
 
 
-def _audit(client, market: Market, args) -> int:
+def _publish(client, market: Market, args) -> int:
+    import math
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from kvproto import market as mk
+
+    if not 0 <= args.audit_rate <= 1:
+        raise ValueError(f"--audit-rate must be between 0 and 1, got {args.audit_rate:g}")
+    if args.audit_rate and not args.model:
+        raise ValueError("--audit-rate needs --model: the audit recomputes blocks with it")
+    with open(args.manifest, "rb") as f:
+        manifest = f.read().strip()
+    with open(args.key, "rb") as f:
+        key = load_pem_private_key(f.read(), password=None)
+    parsed = mk.parse_manifest(manifest)
+    full = len(parsed.token_ids) // parsed.block_size
+    blocks = max(1, math.ceil(args.audit_rate * full)) if args.audit_rate and full else 0
+    checked = market.publish(manifest, key, audit_blocks=blocks)
+    if not blocks:
+        print(f"published: {checked} records checked by their nodes")
+        return 0
+    out = _recompute(client, args, parsed.listing, blocks)
+    if not out["ok"]:
+        out["status"] = market.mark(parsed.listing, failed=True, evidence=out["failed"][0])
+        print(json.dumps(out, indent=2))
+        return 3
+    from kvproto.errors import FailedPrecondition
+
+    try:
+        out["status"] = market.mark(parsed.listing, failed=False, blocks=len(out["blocks"]))
+    except FailedPrecondition as exc:  # the node's own audit rate: an admin's audit clears it
+        out["status"] = f"pending audit ({exc})"
+    print(json.dumps({"published": checked, **out}, indent=2))
+    return 0
+
+
+def _recompute(client, args, listing: str, blocks: int) -> dict:
     """The recompute needs a model: it runs in `python -m inference.listings audit` (the client
     library never imports the model glue); the marking is this client's."""
     import os
     import subprocess
     import sys
 
-    if not market.listings(args.listing):
-        raise ValueError(f"no listing {args.listing!r} you may read")
-    cmd = [sys.executable, "-m", "inference.listings", "audit", args.listing, "--nodes", ",".join(client.ring.nodes),
-           "--model", args.model, "--blocks", str(args.blocks), "--dtype", args.dtype, "--atol", str(args.atol)]
+    cmd = [sys.executable, "-m", "inference.listings", "audit", listing, "--nodes", ",".join(client.ring.nodes),
+           "--model", args.model, "--blocks", str(blocks), "--dtype", args.dtype, "--atol", str(args.atol)]
     if args.seed is not None:
         cmd += ["--seed", str(args.seed)]
     env = dict(os.environ, KVCTL_AUDIT_TOKEN=args.token or "")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode not in (0, 3):
         raise ValueError(f"audit failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-    out = json.loads(done.stdout)
-    if not out["ok"] and not args.no_mark:
-        out["status"] = market.mark(args.listing, failed=True, evidence=out["failed"][0])
+    return json.loads(done.stdout)
+
+
+def _audit(client, market: Market, args) -> int:
+    views = market.listings(args.listing)
+    if not views:
+        raise ValueError(f"no listing {args.listing!r} you may read")
+    view = views[0]
+    if args.blocks is not None and args.blocks < 1:
+        raise ValueError(f"--blocks must be at least 1, got {args.blocks}")
+    out = _recompute(client, args, args.listing, args.blocks or view.audit_blocks or 4)
+    if not args.no_mark:
+        if not out["ok"]:
+            out["status"] = market.mark(args.listing, failed=True, evidence=out["failed"][0])
+        elif view.status != "ok" and (args.clear or not view.status.startswith("failed")):
+            out["status"] = market.mark(args.listing, failed=False, blocks=len(out["blocks"]))
     print(json.dumps(out, indent=2))
     return 0 if out["ok"] else 3

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="walk and verify the whole file this often, in a child process (0: only at start)")
     serve.add_argument("--market-admins", default="",
                        help="tenants (comma-separated) that may mark listings failed and read every tenant's usage")
+    serve.add_argument("--market-audit-rate", type=float, default=0.0,
+                       help="share of a listing's blocks a market admin's recompute audit must pass before "
+                            "the listing is served (0: no audit asked by the node)")
     serve.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO, WARNING or ERROR")
     _cluster_flags(serve)
     rebuild = sub.add_parser("rebuild", help="set a damaged node's files aside (the node stopped), to refill "
@@ -139,6 +142,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     _check_range("--streams-per-peer", args.streams_per_peer, 1)
     _check_range("--max-get-gb", args.max_get_gb, 0, low_open=True)
     _check_range("--scrub-hours", args.scrub_hours, 0)
+    _check_range("--market-audit-rate", args.market_audit_rate, 0, 1)
+    admins = tuple(t for t in (args.market_admins or "").split(",") if t)
+    if args.market_audit_rate and not admins:
+        raise ValueError("--market-audit-rate needs --market-admins: the tenants whose audits clear a listing")
     for flag, path in (("--auth-tokens", args.auth_tokens), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
@@ -163,7 +170,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         streams_per_peer=args.streams_per_peer,
         max_get_bytes=int(args.max_get_gb * (1 << 30)),
         scrub_hours=args.scrub_hours or None,
-        market_admins=tuple(t for t in (args.market_admins or "").split(",") if t),
+        market_admins=admins,
+        market_audit_rate=args.market_audit_rate,
     )
 
 

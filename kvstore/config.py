@@ -43,6 +43,7 @@ class ServerConfig:
     metrics_host: str | None = None  # where /metrics binds; None: the host of `listen`
     scrub_hours: float | None = 24.0  # a full scrub (digests too) this often; None: at start only
     market_admins: tuple[str, ...] = ()  # tenants that may mark listings failed and read all usage
+    market_audit_rate: float = 0.0  # share of a listing's blocks an admin audit passes before it is served
 
     def stream_guard(self):
         from .streams import StreamGuard

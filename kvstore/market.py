@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -28,8 +29,8 @@ from dataclasses import dataclass, field
 import lmdb
 
 from kvproto import market as mk
-from kvproto.market import block_tokens
 from kvproto.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvproto.market import block_tokens
 from kvproto.pb import kvcache_pb2 as pb
 
 from .auth import tenant_prefix
@@ -42,6 +43,7 @@ MAX_TENANT_LABELS = 64
 COUNTERS = ("tokens_loaded", "bytes_served", "records_served", "blocks_written", "prompt_tokens",
             "cached_tokens")
 REPORT_KINDS = ("colocated", "prompt", "rejected")
+PENDING = "pending audit"
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Listing:
     withdrawn_ns: int = 0
     grants: set[str] = field(default_factory=set)
     index: dict[bytes, int] = field(default_factory=dict)
+    audit_blocks: int = 0  # blocks an audit must recompute to clear PENDING
 
     def readable_by(self, tenant: str) -> bool:
         if self.status != "ok" or self.withdrawn_ns:
@@ -65,13 +68,13 @@ class Listing:
         return json.dumps({"manifest": self.manifest.raw.decode(), "signature": self.signature.hex(),
                            "public_key": self.public_key.hex(), "prefix": self.prefix.hex(),
                            "status": self.status, "published_ns": self.published_ns,
-                           "withdrawn_ns": self.withdrawn_ns}).encode()
+                           "withdrawn_ns": self.withdrawn_ns, "audit_blocks": self.audit_blocks}).encode()
 
     def info(self, tenant: str) -> pb.ListingInfo:
         grants = sorted(self.grants) if tenant == self.manifest.publisher else []
         return pb.ListingInfo(manifest=self.manifest.raw, signature=self.signature, public_key=self.public_key,
                               status=self.status, grants=grants, published_ns=self.published_ns,
-                              withdrawn_ns=self.withdrawn_ns)
+                              withdrawn_ns=self.withdrawn_ns, audit_blocks=self.audit_blocks)
 
 
 @dataclass
@@ -85,10 +88,12 @@ class Meter:
 
 
 class Market:
-    def __init__(self, storage, tenants: list[str], admins: tuple[str, ...] = (), clock=time.time_ns) -> None:
+    def __init__(self, storage, tenants: list[str], admins: tuple[str, ...] = (), clock=time.time_ns,
+                 audit_rate: float = 0.0) -> None:
         self.storage = storage
         self.clock = clock
         self.admins = set(admins)
+        self.audit_rate = audit_rate  # the provider's policy: share of blocks an admin audit recomputes
         self.tenants = {tenant_prefix(t): t for t in tenants} if tenants else {b"": ""}
         self._lock = threading.Lock()
         self.listings: dict[bytes, Listing] = {}
@@ -124,7 +129,7 @@ class Market:
         manifest = mk.parse_manifest(doc["manifest"].encode())
         return Listing(manifest, bytes.fromhex(doc["signature"]), bytes.fromhex(doc["public_key"]),
                        bytes.fromhex(doc["prefix"]), doc["status"], doc["published_ns"], doc["withdrawn_ns"],
-                       index=manifest.index_of())
+                       index=manifest.index_of(), audit_blocks=doc.get("audit_blocks", 0))
 
     def _usable(self) -> None:
         if self.db is None or self.storage.damaged:
@@ -160,15 +165,31 @@ class Market:
         if any(i >= len(manifest.records) for i in expect):
             raise InvalidArgument("expect names a record the manifest does not have")
         checked = self._check_records(manifest, [manifest.records[i] for i in expect], prefix)
-        listing = Listing(manifest, request.signature, request.public_key, prefix, "ok",
+        required = self.audit_required(manifest, request.audit_blocks)
+        if old is not None and old.status.startswith("failed") and tenant not in self.admins:
+            status = old.status  # a failed audit stays until an admin's audit passes: republishing clears nothing
+        elif required and not (old is not None and old.status == "ok" and old.manifest.raw == manifest.raw):
+            status = PENDING  # new or changed records: served to nobody until an audit of `required` passes
+        else:
+            status = "ok"
+        listing = Listing(manifest, request.signature, request.public_key, prefix, status,
                           old.published_ns if old and not old.withdrawn_ns else self.clock(),
-                          index=manifest.index_of(), grants=old.grants if old else set())
+                          index=manifest.index_of(), grants=old.grants if old else set(),
+                          audit_blocks=max(required, old.audit_blocks if old and status != "ok" else 0))
         with self._lock, self.env.begin(db=self.db, write=True) as txn:
             txn.put(b"L" + manifest.tag, listing.stored())
             self.listings[manifest.tag] = listing
         log.info("listing %s published by %s: %d records, %d tokens", manifest.listing, tenant,
                  len(manifest.records), manifest.tokens)
         return pb.PublishResponse(listing=manifest.listing, checked=checked)
+
+    def audit_required(self, manifest: mk.Manifest, asked: int) -> int:
+        """Blocks an audit must recompute: what the publisher asked, at least the node's rate."""
+        full = len(manifest.token_ids) // manifest.block_size
+        if asked > full:
+            raise InvalidArgument(f"audit_blocks {asked}: the listing has {full} full blocks")
+        by_rate = min(full, math.ceil(self.audit_rate * full)) if self.audit_rate > 0 else 0
+        return max(asked, by_rate)
 
     def _check_records(self, manifest: mk.Manifest, records, prefix: bytes) -> int:
         """Attest at publish: every expected record is stored here and hashes to its digest."""
@@ -207,9 +228,25 @@ class Market:
         return pb.GrantResponse(changed=bool(changed))
 
     def audit(self, request: pb.AuditRequest, prefix: bytes) -> pb.AuditResponse:
-        """Mark a listing failed (or ok again): its publisher or an admin tenant (--market-admins)."""
+        """Mark a listing failed (its publisher or an admin tenant, --market-admins) or passed.
+
+        A pass must cover the listing's ``audit_blocks``. Only an admin clears a failed listing,
+        and on a node with ``--market-audit-rate`` only an admin clears a pending one: there the
+        provider, not the publisher, vouches for the KV. Without a rate, a publisher that asked
+        for an audit at publish clears its own pending listing (it checks its own work)."""
         self._usable()
         listing = self._own(request.listing, prefix)
+        admin = self.tenant_of(prefix) in self.admins
+        if not request.failed:
+            if listing.status.startswith("failed") and not admin:
+                raise FailedPrecondition(f"listing {request.listing!r} failed an audit: only a market admin's "
+                                         f"audit clears it")
+            if listing.status == PENDING and self.audit_rate > 0 and not admin:
+                raise FailedPrecondition(f"listing {request.listing!r} waits for a market admin's audit "
+                                         f"(this node's --market-audit-rate)")
+            if request.blocks < listing.audit_blocks and listing.status != "ok":
+                raise FailedPrecondition(f"listing {request.listing!r} needs an audit of {listing.audit_blocks} "
+                                         f"blocks, this one recomputed {request.blocks}")
         listing.status = f"failed: {request.evidence or 'audit'}"[:500] if request.failed else "ok"
         with self._lock, self.env.begin(db=self.db, write=True) as txn:
             txn.put(b"L" + listing.manifest.tag, listing.stored())
@@ -239,7 +276,9 @@ class Market:
             tenant = tenant if tenant is not None else self.tenant_of(prefix)
             listing = self.listings.get(tag)
             index = listing.index.get(record_key) if listing is not None else None
-            auditor = tenant in self.admins and listing is not None and not listing.withdrawn_ns
+            # admins audit any listing, a publisher its own (before an audit clears it, nobody else reads it)
+            auditor = (listing is not None and not listing.withdrawn_ns
+                       and (tenant in self.admins or tenant == listing.manifest.publisher))
             if index is None or not (listing.readable_by(tenant) or auditor):
                 out.append(None)
                 continue

@@ -123,7 +123,8 @@ def build_node(config: ServerConfig) -> Node:
             storage.close()
             raise
         config = dataclasses.replace(config, data_port=data_port)  # Stat advertises the bound port
-    market = Market(storage, auth.tenants if auth else [], config.market_admins)
+    market = Market(storage, auth.tenants if auth else [], config.market_admins,
+                    audit_rate=config.market_audit_rate)
     if data_plane is not None:
         data_plane.market = market
     servicer = KVCacheServicer(config, storage, metrics, auth, market=market)

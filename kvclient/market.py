@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 CALLS = {
     "Publish": pb.PublishResponse, "Grant": pb.GrantResponse, "Listings": pb.ListingsResponse,
     "Usage": pb.UsageResponse, "Report": pb.ReportResponse, "Audit": pb.AuditResponse,
+    "Withdraw": pb.WithdrawResponse,
 }
 
 
@@ -44,11 +45,13 @@ class ListingView:
     published_ns: int
     withdrawn_ns: int
     audit_blocks: int = 0  # blocks an audit must recompute to clear "pending audit"
+    earlier: list[tuple[int, int]] = field(default_factory=list)  # (published, withdrawn) before a republish
 
     @classmethod
     def of(cls, info: pb.ListingInfo) -> "ListingView":
         return cls(mk.parse_manifest(info.manifest), info.signature, info.public_key, info.status,
-                   list(info.grants), info.published_ns, info.withdrawn_ns, info.audit_blocks)
+                   list(info.grants), info.published_ns, info.withdrawn_ns, info.audit_blocks,
+                   list(zip(info.earlier_periods[::2], info.earlier_periods[1::2])))
 
     @property
     def full_blocks(self) -> int:
@@ -143,10 +146,16 @@ class Market:
         replies = self._all("Audit", pb.AuditRequest(listing=listing, failed=failed, evidence=evidence, blocks=blocks))
         return next(iter(replies.values())).status
 
+    def withdraw(self, listing: str) -> int:
+        """Stop serving a listing on every node; when (ns). Its storage stops accruing then."""
+        replies = self._all("Withdraw", pb.WithdrawRequest(listing=listing))
+        return max(r.withdrawn_ns for r in replies.values())
+
     # ---- readers -------------------------------------------------------------------------
     def listings(self, listing: str = "") -> list[ListingView]:
         """Listings the caller may read (or its own), from every node that answers; a node that
-        says "failed" wins over one that says "ok" (a failed audit reaches the reader)."""
+        says "failed" or "withdrawn" wins over one that says "ok" (a failed audit, a withdrawal
+        made while a node was down, reach the reader)."""
         found: dict[str, ListingView] = {}
         errors = []
         for node in self._nodes():
@@ -158,7 +167,9 @@ class Market:
             for info in reply.listings:
                 view = ListingView.of(info)
                 have = found.get(view.manifest.listing)
-                if have is None or (have.status == "ok" and view.status != "ok") or view.status.startswith("failed"):
+                worse = (have is None or (have.status == "ok" and view.status != "ok")
+                         or view.status.startswith("failed") or (view.withdrawn_ns and not have.withdrawn_ns))
+                if worse:
                     found[view.manifest.listing] = view
         if errors and len(errors) == len(self._nodes()):
             raise errors[0]
@@ -224,12 +235,13 @@ def summarize(entries: list[pb.MeterEntry], listings: list[ListingView], since_n
                 u.prompt_tokens += e.prompt_tokens
                 u.cached_tokens += e.tokens
     for view in listings:
-        start = max(since_ns, view.published_ns)
-        end = min(until_ns, view.withdrawn_ns or until_ns)
-        if end > start:
-            hours = view.manifest.tokens * (end - start) / 3.6e12
-            out[view.manifest.publisher].token_hours_stored += hours
-            out[f"listing:{view.manifest.listing}"].token_hours_stored += hours
+        for published, withdrawn in [*view.earlier, (view.published_ns, view.withdrawn_ns)]:
+            start = max(since_ns, published)
+            end = min(until_ns, withdrawn or until_ns)
+            if end > start:
+                hours = view.manifest.tokens * (end - start) / 3.6e12
+                out[view.manifest.publisher].token_hours_stored += hours
+                out[f"listing:{view.manifest.listing}"].token_hours_stored += hours
     return dict(out)
 
 

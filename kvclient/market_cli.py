@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from .market import Market
 
-COMMANDS = ("publish", "grant", "revoke", "listings", "usage", "bill", "audit")
+COMMANDS = ("publish", "withdraw", "grant", "revoke", "listings", "usage", "bill", "audit")
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -23,6 +23,8 @@ def add_commands(command) -> None:
                      help="recompute this share of the listing's full blocks (at least 1) before anyone may "
                           "load it: the listing stays 'pending audit' until the audit passes (needs --model)")
     _audit_flags(pub, model_required=False)
+    wd = command("withdraw", "stop serving a listing of yours (its storage stops accruing; publish it again to relist)")
+    wd.add_argument("listing")
     for name, what in (("grant", "let TENANT load LISTING"), ("revoke", "end TENANT's grant to LISTING")):
         sub = command(name, what)
         sub.add_argument("listing")
@@ -82,6 +84,9 @@ def run(client, args: argparse.Namespace) -> int:
     command = args.command
     if command == "publish":
         return _publish(client, market, args)
+    elif command == "withdraw":
+        when = market.withdraw(args.listing)
+        print(f"withdrawn {args.listing} at {datetime.fromtimestamp(when / 1e9, timezone.utc).isoformat()}")
     elif command in ("grant", "revoke"):
         changed = market.grant(args.listing, args.tenant, revoke=command == "revoke")
         print(f"{command} {args.listing} {args.tenant}: {'done' if changed else 'no change'}")
@@ -89,7 +94,8 @@ def run(client, args: argparse.Namespace) -> int:
         out = [{"listing": v.manifest.listing, "publisher": v.manifest.publisher, "tokens": v.manifest.tokens,
                 "records": len(v.manifest.records), "fingerprint": v.manifest.fingerprint,
                 "price_per_1k_loaded": v.manifest.price_per_1k_loaded, "visibility": v.manifest.visibility,
-                "status": v.status, "audit_blocks": v.audit_blocks, "grants": v.grants}
+                "status": "withdrawn" if v.withdrawn_ns else v.status, "audit_blocks": v.audit_blocks,
+                "grants": v.grants}
                for v in market.listings(args.listing)]
         print(json.dumps(out, indent=2))
     elif command == "usage":

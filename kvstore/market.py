@@ -58,6 +58,7 @@ class Listing:
     grants: set[str] = field(default_factory=set)
     index: dict[bytes, int] = field(default_factory=dict)
     audit_blocks: int = 0  # blocks an audit must recompute to clear PENDING
+    earlier: list[tuple[int, int]] = field(default_factory=list)  # (published, withdrawn) before a republish
 
     def readable_by(self, tenant: str) -> bool:
         if self.status != "ok" or self.withdrawn_ns:
@@ -68,13 +69,15 @@ class Listing:
         return json.dumps({"manifest": self.manifest.raw.decode(), "signature": self.signature.hex(),
                            "public_key": self.public_key.hex(), "prefix": self.prefix.hex(),
                            "status": self.status, "published_ns": self.published_ns,
-                           "withdrawn_ns": self.withdrawn_ns, "audit_blocks": self.audit_blocks}).encode()
+                           "withdrawn_ns": self.withdrawn_ns, "audit_blocks": self.audit_blocks,
+                           "earlier": self.earlier}).encode()
 
     def info(self, tenant: str) -> pb.ListingInfo:
         grants = sorted(self.grants) if tenant == self.manifest.publisher else []
         return pb.ListingInfo(manifest=self.manifest.raw, signature=self.signature, public_key=self.public_key,
                               status=self.status, grants=grants, published_ns=self.published_ns,
-                              withdrawn_ns=self.withdrawn_ns, audit_blocks=self.audit_blocks)
+                              withdrawn_ns=self.withdrawn_ns, audit_blocks=self.audit_blocks,
+                              earlier_periods=[t for period in self.earlier for t in period])
 
 
 @dataclass
@@ -129,7 +132,8 @@ class Market:
         manifest = mk.parse_manifest(doc["manifest"].encode())
         return Listing(manifest, bytes.fromhex(doc["signature"]), bytes.fromhex(doc["public_key"]),
                        bytes.fromhex(doc["prefix"]), doc["status"], doc["published_ns"], doc["withdrawn_ns"],
-                       index=manifest.index_of(), audit_blocks=doc.get("audit_blocks", 0))
+                       index=manifest.index_of(), audit_blocks=doc.get("audit_blocks", 0),
+                       earlier=[tuple(p) for p in doc.get("earlier", [])])
 
     def _usable(self) -> None:
         if self.db is None or self.storage.damaged:
@@ -175,7 +179,9 @@ class Market:
         listing = Listing(manifest, request.signature, request.public_key, prefix, status,
                           old.published_ns if old and not old.withdrawn_ns else self.clock(),
                           index=manifest.index_of(), grants=old.grants if old else set(),
-                          audit_blocks=max(required, old.audit_blocks if old and status != "ok" else 0))
+                          audit_blocks=max(required, old.audit_blocks if old and status != "ok" else 0),
+                          earlier=(old.earlier + ([(old.published_ns, old.withdrawn_ns)] if old.withdrawn_ns else []))
+                          if old else [])
         with self._lock, self.env.begin(db=self.db, write=True) as txn:
             txn.put(b"L" + manifest.tag, listing.stored())
             self.listings[manifest.tag] = listing
@@ -252,6 +258,18 @@ class Market:
             txn.put(b"L" + listing.manifest.tag, listing.stored())
         log.warning("listing %s audit: %s", request.listing, listing.status)
         return pb.AuditResponse(status=listing.status)
+
+    def withdraw(self, request: pb.WithdrawRequest, prefix: bytes) -> pb.WithdrawResponse:
+        """Stop serving a listing (its publisher, or an admin): its keys answer misses, storage
+        stops accruing; grants and meter entries stay. Publishing it again lists it anew."""
+        self._usable()
+        listing = self._own(request.listing, prefix)
+        if not listing.withdrawn_ns:
+            listing.withdrawn_ns = self.clock()
+            with self._lock, self.env.begin(db=self.db, write=True) as txn:
+                txn.put(b"L" + listing.manifest.tag, listing.stored())
+            log.info("listing %s withdrawn", request.listing)
+        return pb.WithdrawResponse(withdrawn_ns=listing.withdrawn_ns)
 
     def list(self, request: pb.ListingsRequest, prefix: bytes) -> pb.ListingsResponse:
         self._usable()

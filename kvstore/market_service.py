@@ -24,6 +24,7 @@ def market_methods(servicer, market: Market, wrap) -> dict[str, grpc.RpcMethodHa
         "Usage": (pb.UsageRequest, market.usage),
         "Report": (pb.ReportRequest, market.report),
         "Audit": (pb.AuditRequest, market.audit),
+        "Withdraw": (pb.WithdrawRequest, market.withdraw),
     }
 
     def handler(cls, fn):

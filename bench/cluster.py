@@ -10,6 +10,7 @@ KV is Qwen3-4B-shaped (36 layers, 8 KV heads, head dim 128, fp16) with blocks sc
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ class SwitchLab:
         subprocess.run(cmd, check=True, capture_output=True, timeout=15)
 
     def __enter__(self) -> "SwitchLab":
+        atexit.register(self.close)  # a run that ends without __exit__ (an error in a fixture) still cleans up
         try:
             for ns in [self.switch, *self.hosts]:
                 self._run("ip", "netns", "add", ns)

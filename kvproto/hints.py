@@ -7,6 +7,9 @@ it answers, and deletes the hint: delivery needs neither the client nor its memo
 
 Layout: PREFIX, the target's address, a NUL, then the key. The prefix keeps every hint in one
 range of the node's database (one cheap scan); clients' repair passes skip it (``is_hint``).
+A client on an auth node writes its hints with its own token like any record, so the node
+stores them under the tenant's prefix: the node scans PREFIX under each tenant's prefix and
+parses what follows it; `key` is always the client's key, without any prefix.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ Both are throttled by a byte-rate cap, abort and start again at the next batch w
 changes, and skip what is already in place: an interrupted pass resumes where it left off at
 the cost of Lookups. Progress is in ``status`` (etcd ``status/<id>``, ``kvctl status``) and in
 Prometheus (``kvstore_rebalance_*``).
+
+Placement: a record's owners are computed from the key its client placed (``kvclient`` hashes
+its own key, ``kvproto.ring``); a tombstone's from the key it stands for; hint records are never
+moved (``kvstore.hints`` delivers them). On auth nodes the agent works on stored keys (tenant
+prefix ‖ key) with the cluster's peer token and strips the 16-byte prefix for placement; stored
+keys under no tenant of the tokens file are readable by no client and stay where they are.
+What it copies goes straight to storage on both ends: no tenant write, load or meter entry.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from kvproto.hints import is_hint
 from kvproto.ring import HashRing
 from kvproto.tombstones import deleted_key, tombstone_key
 
+from .auth import NO_AUTH, KeySpaces
 from .etcd_member import EtcdMember
 from .hints import local_records
 from .peers import Peers
@@ -50,8 +58,9 @@ class Changed(Exception):
 
 class Rebalancer:
     def __init__(self, storage: Storage, peers: Peers, member: EtcdMember, rate_bytes: float,
-                 timeout: float = 30.0, period: float = 30.0) -> None:
+                 timeout: float = 30.0, period: float = 30.0, spaces: KeySpaces = NO_AUTH) -> None:
         self.storage = storage
+        self.spaces = spaces
         self.peers = peers
         self.member = member
         self.rate_bytes = rate_bytes
@@ -142,8 +151,8 @@ class Rebalancer:
                 log.info("cannot scan %s yet: %s", peer, exc)
                 ok = False
                 continue
-            mine = [k for k in keys if k not in seen and not is_hint(k)
-                    and self.address in ring.owners(deleted_key(k) or k, replication)]
+            mine = [k for k in keys if k not in seen and (where := self._placement(k)) is not None
+                    and self.address in ring.owners(where, replication)]
             seen.update(mine)
             have = self.storage.exists(mine) if mine else []
             wanted[peer] = [k for k, h in zip(mine, have) if not h]
@@ -160,17 +169,22 @@ class Rebalancer:
                     self.status["failed"] += len(keys) - at
                     ok = False
                     break
-                items = [IncomingRecord.of(k, v) for k, v in zip(batch, values) if v is not None]
-                if items:
-                    self.storage.put_batch(items)
-                self._moved(len(items), sum(len(i.payload) for i in items))
+                by_tenant: dict[bytes, list[IncomingRecord]] = defaultdict(list)
+                for k, v in zip(batch, values):
+                    if v is not None:
+                        tenant, key = self.spaces.split(k)
+                        by_tenant[tenant].append(IncomingRecord.of(key, v))
+                for tenant, items in by_tenant.items():  # in each tenant's ledger, as its client wrote
+                    self.storage.put_batch(items, tenant)
+                got = [i for items in by_tenant.values() for i in items]
+                self._moved(len(got), sum(len(i.payload) for i in got))
         return ok
 
     def _push(self, ring: HashRing, replication: int, ready: set[str], generation: int) -> bool:
         self.status["phase"] = "push"
         owed: dict[str, list[bytes]] = defaultdict(list)
-        for key in self._local_keys():
-            for owner in ring.owners(deleted_key(key) or key, replication):
+        for key, where in self._local_keys():
+            for owner in ring.owners(where, replication):
                 if owner != self.address and owner in ready:
                     owed[owner].append(key)
         ok = True
@@ -186,7 +200,7 @@ class Rebalancer:
         for target, keys in missing.items():
             for at in range(0, len(keys), BATCH):
                 self._check(generation)
-                items = local_records(self.storage, keys[at : at + BATCH])
+                items = local_records(self.storage, keys[at : at + BATCH], self.spaces)
                 try:
                     if items:
                         self.peers(target).put(items, self.timeout)
@@ -204,18 +218,32 @@ class Rebalancer:
         for at in range(0, len(keys), LOOKUP_BATCH // 2):
             self._check(generation)
             batch = keys[at : at + LOOKUP_BATCH // 2]
-            tombs = [tombstone_key(k) if deleted_key(k) is None else None for k in batch]
+            tombs = [self._tombstone(k) for k in batch]
             asked = batch + [t for t in tombs if t is not None]
             present = dict(zip(asked, self.peers(target).lookup(asked, self.timeout)))
             out += [k for k, t in zip(batch, tombs) if not present[k] and not (t is not None and present[t])]
         return out
 
-    def _local_keys(self) -> list[bytes]:
-        keys: list[bytes] = []
+    def _placement(self, stored: bytes) -> bytes | None:
+        """The key whose ring owners hold `stored`; None for what the rebalancer leaves alone."""
+        split = self.spaces.split(stored)
+        if split is None or is_hint(split[1]):
+            return None
+        return deleted_key(split[1]) or split[1]
+
+    def _tombstone(self, stored: bytes) -> bytes | None:
+        """The stored key of the tombstone that would stand for `stored` (None: it is one)."""
+        tenant, key = self.spaces.split(stored)
+        tomb = tombstone_key(key) if deleted_key(key) is None else None
+        return tenant + tomb if tomb is not None else None
+
+    def _local_keys(self) -> list[tuple[bytes, bytes]]:
+        """(stored key, placement key) of every record here the rebalancer may move."""
+        keys: list[tuple[bytes, bytes]] = []
         start = b""
         while True:
             page = self.storage.scan(b"", start, 10_000)
-            keys += [k for k in page if not is_hint(k)]
+            keys += [(k, where) for k in page if (where := self._placement(k)) is not None]
             if len(page) < 10_000:
                 return keys
             start = page[-1]

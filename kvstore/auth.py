@@ -4,6 +4,12 @@ The tokens file holds one ``TOKEN TENANT`` pair per line (``#`` starts a comment
 ``authorization: Bearer <token>``; the node maps the token to its tenant and keeps each tenant's
 records under ``tenant_prefix(tenant)``, so a tenant that computes another tenant's keys still
 reads, probes and deletes only its own space: absent and forbidden answer the same.
+
+The cluster's peer token (``--peer-token-file``, one token, the same on every node) is the
+nodes' own credential for their agents' calls to each other (``kvstore.peers``): it acts on the
+raw key space (every tenant's prefix ‖ key) for Put, Get, Lookup and Scan only, and is no
+tenant's token. ``KeySpaces`` tells the agents which stored bytes are a tenant prefix and which
+the client's key (what its ring placement and record digest are computed from).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
+from dataclasses import dataclass
 
 import grpc
 
@@ -56,10 +64,11 @@ def parse_tokens(text: str, source: str = "tokens file") -> dict[str, str]:
 class Authenticator:
     """Maps a call's bearer token to its tenant; refuses calls without a known token."""
 
-    def __init__(self, tokens: dict[str, str]) -> None:
+    def __init__(self, tokens: dict[str, str], peer_token: str | None = None) -> None:
         # Compare digests (equal length) of every known token, never stopping early, so the time
         # taken does not tell how much of a guessed token was right.
         self._entries = [(_digest(token), tenant) for token, tenant in tokens.items()]
+        self._peer = _digest(peer_token) if peer_token else None
         self.tenants = sorted(set(tokens.values()))
 
     @classmethod
@@ -73,6 +82,13 @@ class Authenticator:
         log.info("auth on: %d tenants from %s", len(auth.tenants), path)
         return auth
 
+    def with_peer_token(self, token: str) -> Authenticator:
+        """The same tenants, and the cluster's peer token for node-to-node calls (the servicer's
+        copy: the data plane and the market keep one that knows tenants only)."""
+        other = Authenticator({})
+        other._entries, other.tenants, other._peer = self._entries, self.tenants, _digest(token)
+        return other
+
     def tenant_of(self, token: str) -> str | None:
         digest = _digest(token)
         found = None
@@ -81,18 +97,108 @@ class Authenticator:
                 found = tenant
         return found
 
+    def _is_peer(self, token: str) -> bool:
+        return self._peer is not None and hmac.compare_digest(_digest(token), self._peer)
+
     def tenant(self, context: grpc.ServicerContext) -> str:
-        values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
-        if len(values) != 1:
-            raise Unauthenticated("missing bearer token" if not values else "more than one authorization header")
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("authorization must be 'Bearer <token>'")
-        tenant = self.tenant_of(token.strip())
+        token = bearer_token(context)
+        peer = self._is_peer(token)
+        tenant = self.tenant_of(token)
         if tenant is None:
-            raise Unauthenticated("unknown token")
+            raise Unauthenticated(PEER_ONLY if peer else "unknown token")
         return tenant
 
     def key_prefix(self, context: grpc.ServicerContext) -> bytes:
         return tenant_prefix(self.tenant(context))
+
+    def key_space(self, context: grpc.ServicerContext) -> bytes | None:
+        """The caller's tenant prefix, or None for the cluster's peer token (the raw key space:
+        only the RPCs the agents make may take it, the servicer decides which)."""
+        token = bearer_token(context)
+        peer = self._is_peer(token)  # both compared every time: the time tells neither
+        tenant = self.tenant_of(token)
+        if tenant is not None:
+            return tenant_prefix(tenant)
+        if peer:
+            return None
+        raise Unauthenticated("unknown token")
+
+
+PEER_ONLY = "the cluster's peer token may call Put, Get, Lookup and Scan only"
+
+
+def bearer_token(context: grpc.ServicerContext) -> str:
+    """The token of the call's one ``authorization: Bearer`` header (Unauthenticated if none)."""
+    values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+    if len(values) != 1:
+        raise Unauthenticated("missing bearer token" if not values else "more than one authorization header")
+    value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("authorization must be 'Bearer <token>'")
+    return token.strip()
+
+
+def read_peer_token(path: str, tenant_tokens: dict[str, str]) -> str:
+    """The cluster's peer token from its file (one token; ``#`` starts a comment); ValueError
+    (one line naming --peer-token-file) if it is missing, short, or a tenant's token."""
+    flag = f"--peer-token-file {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        mode = os.stat(path).st_mode
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag}: not UTF-8 text") from exc
+    except OSError as exc:
+        raise ValueError(f"{flag}: {exc.strerror or exc}") from exc
+    fields = [w for line in text.splitlines() for w in line.split("#", 1)[0].split()]
+    if len(fields) != 1:
+        raise ValueError(f"{flag}: expected one token, found {len(fields)}")
+    token = fields[0]
+    if not token.isascii() or not token.isprintable():
+        raise ValueError(f"{flag}: the token must be printable ASCII")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"{flag}: the token has {len(token)} characters, it needs at least {MIN_TOKEN_CHARS}")
+    if token in tenant_tokens:
+        raise ValueError(f"{flag}: the token is tenant {tenant_tokens[token]!r}'s token in --auth-tokens; the "
+                         f"peer token reads every tenant's records and must be the cluster's own")
+    if mode & 0o077:
+        log.warning("%s is readable by others (mode %o): whoever holds the peer token reads every tenant's "
+                    "records; chmod 600 it", flag, mode & 0o777)
+    return token
+
+
+@dataclass(frozen=True)
+class KeySpaces:
+    """How the node's agents read a stored key: tenant prefix ‖ the key the client placed.
+
+    Clients hash and digest their own keys; an auth node stores them under the tenant's 16-byte
+    prefix. `prefixes` is None on a node without auth (one space, ``b""``). On an auth node a
+    stored key under no prefix of its tokens file (a tenant since removed, records from before
+    auth) is readable by no client of this node: ``split`` says None and the agents leave it.
+    """
+
+    prefixes: frozenset[bytes] | None = None
+
+    @classmethod
+    def of(cls, tenants: list[str] | None) -> KeySpaces:
+        return cls(None if tenants is None else frozenset(tenant_prefix(t) for t in tenants))
+
+    @property
+    def roots(self) -> list[bytes]:
+        """The prefix of every key space the agents work in."""
+        return [b""] if self.prefixes is None else sorted(self.prefixes)
+
+    def split(self, stored: bytes) -> tuple[bytes, bytes] | None:
+        """(tenant prefix, client key) of a stored key; None if under no known tenant."""
+        if self.prefixes is None:
+            return b"", stored
+        head = stored[:PREFIX_BYTES]
+        return (head, stored[PREFIX_BYTES:]) if head in self.prefixes and len(stored) > PREFIX_BYTES else None
+
+    def record_key(self, stored: bytes) -> bytes:
+        """The key a stored record's digest binds: the client's key (any tenant's, on auth nodes)."""
+        return stored if self.prefixes is None else stored[PREFIX_BYTES:]
+
+
+NO_AUTH = KeySpaces()  # a node without auth: one key space, stored keys are the clients'

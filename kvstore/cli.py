@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-record-mb", type=float, default=256, help="largest record accepted")
     serve.add_argument("--no-sync", action="store_true", help="skip fsync on commit (faster, less durable)")
     serve.add_argument("--auth-tokens", default=None, help="file of 'TOKEN TENANT' lines; enables auth")
+    serve.add_argument("--peer-token-file", default=None,
+                       help="file holding the cluster's peer token (the same on every node, not a tenant's): "
+                            "node-to-node copies on auth nodes; needed with --etcd and --auth-tokens")
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain; serve TLS (with --tls-key)")
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument(
@@ -149,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for flag, path in (("--auth-tokens", args.auth_tokens), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
+    peer_token = _peer_token(args)
     return ServerConfig(
         listen=args.listen,
         data_dir=args.data,
@@ -158,6 +162,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_record_bytes=int(args.max_record_mb * (1 << 20)),
         sync=not args.no_sync,
         auth_tokens_file=args.auth_tokens,
+        peer_token=peer_token,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         high_water=args.high_water,
@@ -173,6 +178,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         market_admins=admins,
         market_audit_rate=args.market_audit_rate,
     )
+
+
+def _peer_token(args: argparse.Namespace) -> str | None:
+    """--peer-token-file checked against the tenants' tokens; required by --etcd with auth."""
+    if args.peer_token_file is None:
+        if args.etcd and args.auth_tokens:
+            raise ValueError("--etcd with --auth-tokens needs --peer-token-file FILE (one token of 16+ characters, "
+                             "the same on every node, no tenant's): the nodes copy every tenant's records")
+        return None
+    if not args.auth_tokens:
+        raise ValueError("--peer-token-file needs --auth-tokens: without auth nodes take each other's calls as they are")
+    from .auth import parse_tokens, read_peer_token
+
+    with open(args.auth_tokens, encoding="utf-8", errors="replace") as f:
+        tenants = parse_tokens(f.read(), f"auth tokens file {args.auth_tokens}")
+    return read_peer_token(args.peer_token_file, tenants)
 
 
 def main(argv: list[str] | None = None) -> int:

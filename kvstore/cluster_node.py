@@ -1,5 +1,9 @@
 """The node's cluster side, started beside the server: hint delivery always; with --etcd the
-membership registration and the rebalancer; their Prometheus gauges."""
+membership registration and the rebalancer; their Prometheus gauges.
+
+On an auth node the agents call their peers with the cluster's peer token and work on stored
+keys under the tokens file's tenant prefixes (``kvstore.auth.KeySpaces``); with --etcd the peer
+token is required, without it hints are not delivered (read repair and ``kvctl repair`` heal)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 from prometheus_client import Gauge
 
 from .agent import Rebalancer
+from .auth import KeySpaces
 from .edge import owned_here
 from .etcd_member import EtcdMember, EtcdSettings
 from .hints import HintAgent
@@ -18,17 +23,24 @@ log = logging.getLogger(__name__)
 
 class ClusterSide:
     def __init__(self, node, settings: EtcdSettings | None, node_id: str, address: str, host: str,
-                 tls_ca: bytes | None = None) -> None:
-        self.peers = Peers(tls_ca)
-        self.hints = HintAgent(node.storage, self.peers)
+                 tls_ca: bytes | None = None, peer_token: str | None = None) -> None:
+        auth = node.servicer.auth
+        spaces = KeySpaces.of(auth.tenants if auth is not None else None)
+        if auth is not None and not peer_token:
+            if settings is not None:
+                raise ValueError("--etcd with --auth-tokens needs --peer-token-file FILE: the nodes copy every "
+                                 "tenant's records with it")
+            log.warning("auth without --peer-token-file: durable hints are not delivered (read repair and "
+                        "`kvctl repair` heal tenants' records)")
+            spaces = KeySpaces(frozenset())  # no credential for peers: no key space to act on
+        self.peers = Peers(tls_ca, peer_token if auth is not None else None, spaces.record_key)
+        self.hints = HintAgent(node.storage, self.peers, spaces=spaces)
         self.member: EtcdMember | None = None
         self.rebalancer: Rebalancer | None = None
         if settings is not None:
-            if node.servicer.auth is not None:
-                raise ValueError("--etcd with --auth-tokens: the rebalancer moves records outside tenant "
-                                 "prefixes only; run auth clusters from a cluster file for now")
             self.member = EtcdMember(settings, node_id, address, host).start()  # raises if etcd is away
-            self.rebalancer = Rebalancer(node.storage, self.peers, self.member, settings.rebalance_mbps * 1e6)
+            self.rebalancer = Rebalancer(node.storage, self.peers, self.member, settings.rebalance_mbps * 1e6,
+                                         spaces=spaces)
             reb = self.rebalancer
             node.storage.evictor.keep_first = owned_here(lambda: reb.current, address)
         self._gauges(node.metrics.registry)
@@ -83,4 +95,4 @@ def start_cluster_side(node, config, settings: EtcdSettings | None) -> ClusterSi
             tls_ca = f.read()  # peers present the cluster's certificate
     from kvproto.host import host_id
 
-    return ClusterSide(node, settings, node_id, address, host_id(), tls_ca)
+    return ClusterSide(node, settings, node_id, address, host_id(), tls_ca, config.peer_token)

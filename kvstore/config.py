@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvproto.limits import MiB
 
@@ -23,6 +23,8 @@ class ServerConfig:
     workers: int = 64
     grace_seconds: float = 5.0
     auth_tokens_file: str | None = None
+    # the cluster's credential for node-to-node calls (kvstore.auth); never printed with the config
+    peer_token: str | None = field(default=None, repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None
     # Evict least-recently-used blocks when live pages pass this fraction of the map. 1.0 turns

@@ -7,8 +7,11 @@ that does not answer is tried again after a back-off; a hint whose record is gon
 deleted) is dropped: the repair pass covers what is left. Hints live in the node's LMDB, so they
 outlive the client that wrote them and a restart of this node.
 
-Auth nodes: hints are delivered for records outside tenant prefixes only (peers would need a
-node credential per tenant); tenants' misses are healed by read repair and ``kvctl repair``.
+Auth nodes: a tenant's client leaves its hint with its own token, so hint and record both sit
+under the tenant's prefix. The agent scans the hint range under the prefix of every tenant of
+the tokens file and sends the record to the target with the cluster's peer token
+(``--peer-token-file``), into the same stored key; neither copy counts as a tenant write. An
+auth node without a peer token delivers none (read repair and ``kvctl repair`` heal tenants).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections import defaultdict
 from kvproto.errors import Corrupt, KVCacheError
 from kvproto.hints import PREFIX, parse_hint
 
+from .auth import NO_AUTH, KeySpaces
 from .peers import Peers
 from .storage import Storage
 
@@ -30,12 +34,17 @@ BATCH = 64
 MAX_BACKOFF = 10.0
 
 
-def local_records(storage: Storage, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """(key, payload) of the keys this node holds intact (missing and damaged ones left out)."""
+def local_records(storage: Storage, keys: list[bytes], spaces: KeySpaces = NO_AUTH,
+                  ) -> list[tuple[bytes, bytes]]:
+    """(stored key, payload) of the stored keys this node holds intact (missing, damaged and
+    under no known tenant left out)."""
     items: list[tuple[bytes, bytes]] = []
     for key in keys:
+        split = spaces.split(key)
+        if split is None:
+            continue
         try:
-            value = storage.get(key)
+            value = storage.get(split[1], split[0])  # the digest binds the client's key
         except Corrupt:
             value = None
         if value is not None:
@@ -45,9 +54,10 @@ def local_records(storage: Storage, keys: list[bytes]) -> list[tuple[bytes, byte
 
 class HintAgent:
     def __init__(self, storage: Storage, peers: Peers, interval: float = 0.5, timeout: float = 10.0,
-                 ) -> None:
+                 spaces: KeySpaces = NO_AUTH) -> None:
         self.storage = storage
         self.peers = peers
+        self.spaces = spaces
         self.interval = interval
         self.timeout = timeout
         self.delivered = 0
@@ -70,17 +80,18 @@ class HintAgent:
 
     def deliver_once(self) -> int:
         """One pass over the hint range; returns how many records were delivered."""
-        owed: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)  # target -> (hint key, key)
-        start = b""
-        while True:
-            page = self.storage.scan(PREFIX, start, 10_000)
-            for stored in page:
-                parsed = parse_hint(stored)
-                if parsed is not None:
-                    owed[parsed[0]].append((stored, parsed[1]))
-            if len(page) < 10_000:
-                break
-            start = page[-1]
+        owed: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)  # target -> (hint, record), stored
+        for root in self.spaces.roots:
+            start = b""
+            while True:
+                page = self.storage.scan(root + PREFIX, start, 10_000)
+                for stored in page:
+                    parsed = parse_hint(stored[len(root):])
+                    if parsed is not None:
+                        owed[parsed[0]].append((stored, root + parsed[1]))
+                if len(page) < 10_000:
+                    break
+                start = page[-1]
         self.pending = sum(len(v) for v in owed.values())
         sent = 0
         now = time.monotonic()
@@ -97,7 +108,7 @@ class HintAgent:
         return sent
 
     def _deliver(self, target: str, batch: list[tuple[bytes, bytes]]) -> bool:
-        items = local_records(self.storage, [key for _, key in batch])
+        items = local_records(self.storage, [key for _, key in batch], self.spaces)
         try:
             if items:
                 self.peers(target).put(items, self.timeout + sum(len(v) for _, v in items) / 50e6)
@@ -109,7 +120,12 @@ class HintAgent:
             return False
         self._backoff.pop(target, None)
         self._retry_at.pop(target, None)
-        self.storage.delete([hint for hint, _ in batch])
+        by_tenant: dict[bytes, list[bytes]] = defaultdict(list)
+        for hint, _ in batch:
+            tenant, key = self.spaces.split(hint)  # scanned under a known root: never None
+            by_tenant[tenant].append(key)
+        for tenant, keys in by_tenant.items():
+            self.storage.delete(keys, tenant)  # in the tenant's ledger, where the client put it
         log.info("delivered %d hinted records to %s", len(items), target)
         return True
 

@@ -3,12 +3,17 @@
 kvstore does not import kvclient (the import graph runs one way), so the few calls a node makes
 to its peers are here, over the kvproto stubs: no hedging, no data plane, no co-located reads;
 one deadline per call, and every failure a ``KVCacheError`` naming the peer.
+
+On auth clusters every call carries the cluster's peer token (``kvstore.auth``) and names stored
+keys (tenant prefix ‖ the client's key); a record's digest binds the client's key, so what is
+sent and checked is ``record_key(stored)``, and a Put stream carries one tenant's records.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
@@ -19,10 +24,16 @@ from kvproto.limits import CHUNK_BYTES, PUT_DATA_FIELD, grpc_channel_options
 from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
 
-def _put_messages(items: Sequence[tuple[bytes, bytes | memoryview]]) -> Iterator[bytes]:
+def _same_key(stored: bytes) -> bytes:
+    return stored
+
+
+def _put_messages(items: Sequence[tuple[bytes, bytes | memoryview]], record_key: Callable[[bytes], bytes],
+                  ) -> Iterator[bytes]:
     for key, value in items:
         view = memoryview(value).cast("B")
-        head = pb.PutRequest(key=key, size=len(view), checksum=record.digest(key, view)).SerializeToString()
+        digest = record.digest(record_key(key), view)
+        head = pb.PutRequest(key=key, size=len(view), checksum=digest).SerializeToString()
         yield with_bytes_field(head, PUT_DATA_FIELD, view[:CHUNK_BYTES])
         for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
             yield with_bytes_field(b"", PUT_DATA_FIELD, view[start : start + CHUNK_BYTES])
@@ -31,8 +42,11 @@ def _put_messages(items: Sequence[tuple[bytes, bytes | memoryview]]) -> Iterator
 class Peer:
     """One peer node's channel (plaintext, or TLS verified against `tls_ca`)."""
 
-    def __init__(self, address: str, tls_ca: bytes | None = None) -> None:
+    def __init__(self, address: str, tls_ca: bytes | None = None, token: str | None = None,
+                 record_key: Callable[[bytes], bytes] = _same_key) -> None:
         self.address = address
+        self.record_key = record_key
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = grpc_channel_options()
         self.channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options)
                         if tls_ca else grpc.insecure_channel(address, options))
@@ -45,13 +59,15 @@ class Peer:
 
     def _rpc(self, fn, request, timeout: float):
         try:
-            return fn(request, timeout=timeout)
+            return fn(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.address) from None
 
     def put(self, items: Sequence[tuple[bytes, bytes | memoryview]], timeout: float) -> int:
-        """Store records in one stream (one transaction there); how many were new."""
-        return self._rpc(self._put, _put_messages(items), timeout).stored
+        """Store records, one stream (one transaction there) per tenant; how many were new."""
+        space = lambda item: item[0][: len(item[0]) - len(self.record_key(item[0]))]
+        return sum(self._rpc(self._put, _put_messages(list(group), self.record_key), timeout).stored
+                   for _, group in itertools.groupby(sorted(items, key=space), key=space))
 
     def lookup(self, keys: Sequence[bytes], timeout: float) -> list[bool]:
         return list(self._rpc(self._lookup, pb.LookupRequest(keys=list(keys)), timeout).present)
@@ -76,7 +92,7 @@ class Peer:
         parts: list[bytes] = []
         head = None
         try:
-            for msg in self._get(pb.GetRequest(keys=list(keys)), timeout=timeout):
+            for msg in self._get(pb.GetRequest(keys=list(keys)), timeout=timeout, metadata=self._metadata):
                 if msg.index >= len(keys):
                     raise Corrupt(f"{self.address}: reply for key {msg.index} of a request of {len(keys)}")
                 if msg.state != pb.RECORD_STATE_FOUND:
@@ -86,7 +102,8 @@ class Peer:
                 parts.append(msg.data)
                 if msg.last:
                     value = b"".join(parts)
-                    if len(value) == head.size and record.digest(keys[head.index], value) == head.checksum:
+                    digest = record.digest(self.record_key(keys[head.index]), value)
+                    if len(value) == head.size and digest == head.checksum:
                         out[head.index] = value
                     head = None
         except grpc.RpcError as err:
@@ -100,8 +117,11 @@ class Peer:
 class Peers:
     """Channels to the cluster's other nodes, made on first use."""
 
-    def __init__(self, tls_ca: bytes | None = None) -> None:
+    def __init__(self, tls_ca: bytes | None = None, token: str | None = None,
+                 record_key: Callable[[bytes], bytes] = _same_key) -> None:
         self._tls_ca = tls_ca
+        self._token = token
+        self._record_key = record_key
         self._peers: dict[str, Peer] = {}
         self._lock = threading.Lock()
 
@@ -109,7 +129,7 @@ class Peers:
         with self._lock:
             peer = self._peers.get(address)
             if peer is None:
-                peer = self._peers[address] = Peer(address, self._tls_ca)
+                peer = self._peers[address] = Peer(address, self._tls_ca, self._token, self._record_key)
             return peer
 
     def close(self) -> None:

@@ -3,6 +3,10 @@
 Requests arrive as raw bytes and are parsed here, so malformed input maps to INVALID_ARGUMENT
 (grpcio's own deserializer would answer INTERNAL). Every domain error maps to a status code in
 ``_abort`` (the one place), and no handler exception escapes as UNKNOWN.
+
+On an auth node the cluster's peer token (``kvstore.auth``) takes Put, Get, Lookup and Scan to
+the raw key space (tenant prefix ‖ key): the nodes' agents copy records with it. Those calls are
+capped per address, not per tenant, and never metered (a copy is no tenant's write or load).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from kvproto.pb import kvcache_pb2 as pb
 from . import wire
 from kvproto.limits import CHUNK_BYTES, MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 
+from .auth import PREFIX_BYTES
 from .config import ServerConfig
 from .metrics import NodeMetrics
 from .spool import Spool
@@ -42,18 +47,33 @@ def parse(cls, raw: bytes):
     return msg
 
 
-def check_key(key: bytes) -> None:
+RAW_KEY_BYTES = PREFIX_BYTES + MAX_KEY_BYTES  # a stored key, as peers name it on auth nodes
+
+
+def check_key(key: bytes, limit: int = MAX_KEY_BYTES) -> None:
     if not key:
         raise InvalidArgument("empty key")
-    if len(key) > MAX_KEY_BYTES:
-        raise InvalidArgument(f"key of {len(key)} bytes exceeds {MAX_KEY_BYTES}")
+    if len(key) > limit:
+        raise InvalidArgument(f"key of {len(key)} bytes exceeds {limit}")
 
 
-def check_keys(keys) -> None:
+def check_keys(keys, limit: int = MAX_KEY_BYTES) -> None:
     if len(keys) > MAX_KEYS_PER_CALL:
         raise InvalidArgument(f"{len(keys)} keys in one call exceeds {MAX_KEYS_PER_CALL}")
     for key in keys:
-        check_key(key)
+        check_key(key, limit)
+
+
+def split_peer_key(msg: pb.PutRequest, space: bytes | None) -> bytes:
+    """A peer's Put names the stored key; the record inside is the client's key (what its digest
+    binds) under the tenant prefix, one tenant per stream (one transaction, one ledger owner)."""
+    if len(msg.key) <= PREFIX_BYTES:
+        raise InvalidArgument(f"a peer put's key is a {PREFIX_BYTES}-byte tenant prefix and a key")
+    head = msg.key[:PREFIX_BYTES]
+    if space is not None and head != space:
+        raise InvalidArgument("a peer put stream carries one tenant's records")
+    msg.key = msg.key[PREFIX_BYTES:]
+    return head
 
 
 def _status(exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -79,11 +99,17 @@ class KVCacheServicer:
         self.market = market  # kvstore.market.Market: listing keys, the meter
         self.storage = storage
         self.metrics = metrics
+        if auth is not None and config.peer_token:
+            auth = auth.with_peer_token(config.peer_token)
         self.auth = auth  # kvstore.auth.Authenticator or None
         self.streams = streams or config.stream_guard()
 
     def _prefix(self, context: grpc.ServicerContext) -> bytes:
         return self.auth.key_prefix(context) if self.auth else b""
+
+    def _space(self, context: grpc.ServicerContext) -> bytes | None:
+        """Like ``_prefix``, or None for a peer node on the raw key space (auth nodes only)."""
+        return self.auth.key_space(context) if self.auth else b""
 
     def _tenant(self, prefix: bytes) -> bytes | None:
         """Who a stream is capped as: its tenant on an auth node, else only its address."""
@@ -93,13 +119,15 @@ class KVCacheServicer:
     def put(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutResponse:
         """Records arrive in chunks, wait in a spool (memory, then a file: never whole in
         memory) and commit in one transaction when the stream ends: all or nothing."""
-        prefix = self._prefix(context)
-        with self.streams.admit(context, "Put", self._tenant(prefix)) as watch:
+        prefix = self._space(context)
+        peer = prefix is None
+        with self.streams.admit(context, "Put", None if peer else self._tenant(prefix)) as watch:
             spool = Spool(self.storage.path)
             try:
-                total = self._receive(request_iterator, watch, spool)
+                total, space = self._receive(request_iterator, watch, spool, peer)
+                prefix = (space or b"") if peer else prefix
                 records = spool.records()
-                writes = self.market.before_put(records, prefix) if self.market else []
+                writes = self.market.before_put(records, prefix) if self.market and not peer else []
                 stored, existed = self.storage.put_batch(records, prefix)
                 if writes:
                     self.market.record(writes)
@@ -108,13 +136,18 @@ class KVCacheServicer:
         self.metrics.bytes_in.inc(total)
         return pb.PutResponse(stored=stored, existed=existed)
 
-    def _receive(self, request_iterator: Iterator[bytes], watch, spool: Spool) -> int:
+    def _receive(self, request_iterator: Iterator[bytes], watch, spool: Spool, peer: bool = False,
+                 ) -> tuple[int, bytes | None]:
+        """Bytes received, and (for a peer) the tenant prefix of the stream's records."""
         current: pb.PutRequest | None = None
         got = total = 0
+        space = None
         for raw in request_iterator:
             watch.beat()
             msg = parse(pb.PutRequest, raw)
             if current is None:
+                if peer:
+                    space = split_peer_key(msg, space)
                 current, got = self._start_record(msg, total), 0
                 spool.begin(current.key, current.size, current.checksum)
             elif msg.key or msg.size or msg.checksum:
@@ -131,7 +164,7 @@ class KVCacheServicer:
                 current = None
         if current is not None:
             raise InvalidArgument("stream ended inside a record")
-        return total
+        return total, space
 
     def _start_record(self, msg: pb.PutRequest, total: int) -> pb.PutRequest:
         check_key(msg.key)
@@ -148,17 +181,19 @@ class KVCacheServicer:
     # ---- Get ---------------------------------------------------------------------------
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Serialized GetResponse messages (see kvstore/wire.py): one copy of each payload."""
-        prefix = self._prefix(context)
+        prefix = self._space(context)
+        peer = prefix is None
         request = parse(pb.GetRequest, raw)
-        check_keys(request.keys)
+        check_keys(request.keys, RAW_KEY_BYTES if peer else MAX_KEY_BYTES)
         if self.storage.damaged:  # nothing is read from a file that needs a rebuild
             self.metrics.misses.labels("corrupt").inc(len(request.keys))
             yield from (wire.state_frame(i, pb.RECORD_STATE_CORRUPT) for i in range(len(request.keys)))
             return
-        with self.streams.admit(context, "Get", self._tenant(prefix)) as watch:
-            resolved = self._resolve(request.keys, prefix)
+        with self.streams.admit(context, "Get", None if peer else self._tenant(prefix)) as watch:
+            # a peer reads stored keys as they are (the digest sent binds the client's key)
+            resolved = [(k, b"", None) for k in request.keys] if peer else self._resolve(request.keys, prefix)
             self.check_reply_size(resolved)
-            meter = self.market.meter(prefix) if self.market else None
+            meter = self.market.meter(prefix) if self.market and not peer else None
             for index, found in enumerate(resolved):
                 frames = self._record_frames(index, *found, meter) if found else self._missing(index)
                 for frame in frames:
@@ -213,11 +248,14 @@ class KVCacheServicer:
 
     # ---- small calls -------------------------------------------------------------------
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> pb.LookupResponse:
-        prefix = self._prefix(context)
+        prefix = self._space(context)
         request = parse(pb.LookupRequest, raw)
-        check_keys(request.keys)
+        check_keys(request.keys, RAW_KEY_BYTES if prefix is None else MAX_KEY_BYTES)
         keys = list(request.keys)
-        present = self.market.exists(keys, prefix) if self.market else self.storage.exists(keys, prefix)
+        if prefix is None:
+            present = self.storage.exists(keys)
+        else:
+            present = self.market.exists(keys, prefix) if self.market else self.storage.exists(keys, prefix)
         run = record.prefix_length(present)
         return pb.LookupResponse(present=present, prefix_length=run)
 
@@ -249,10 +287,12 @@ class KVCacheServicer:
         )
 
     def scan(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScanResponse:
-        prefix = self._prefix(context)
+        prefix = self._space(context)
+        limit = RAW_KEY_BYTES if prefix is None else MAX_KEY_BYTES
+        prefix = prefix or b""  # a peer scans the stored keys themselves
         request = parse(pb.ScanRequest, raw)
-        if len(request.start_after) > MAX_KEY_BYTES:
-            raise InvalidArgument(f"start_after of {len(request.start_after)} bytes exceeds {MAX_KEY_BYTES}")
+        if len(request.start_after) > limit:
+            raise InvalidArgument(f"start_after of {len(request.start_after)} bytes exceeds {limit}")
         limit = min(request.limit or 10_000, MAX_KEYS_PER_CALL)
         keys = self.storage.scan(prefix, prefix + request.start_after if request.start_after else b"", limit + 1)
         return pb.ScanResponse(keys=[k[len(prefix):] for k in keys[:limit]], more=len(keys) > limit)

@@ -1,6 +1,8 @@
 """`kvbench cluster`: the prefill CDN. Hosts in network namespaces behind one switch, each with a
 node (membership on etcd) and a client reading documents by Zipf; 1 Gbit/s tbf links; a node
-joins a third of the way in and leaves at two thirds. Run with and without the edge tier.
+joins a third of the way in and leaves at two thirds. Run with and without the edge tier, and
+with the edge tier on nodes whose maps hold what they own plus only a few hot documents
+(`small_map_gb`, high water 0.6): popularity (LRU) decides which edge copies stay.
 
 Measured per run: the share of record bytes served from the local map over time (and in the
 second half), fetch time p50/p99 per document, bytes over the hosts' links, failed reads.
@@ -38,6 +40,9 @@ class ClusterParams:
     zipf: float = 1.0
     rate_bps: int = 1_000_000_000
     replication: int = 2
+    map_size_gb: float = 2.0
+    small_map_gb: float | None = 0.35  # the third run's map (None: no third run)
+    small_high_water: float = 0.6
 
 
 class SwitchLab:
@@ -105,10 +110,12 @@ def _popen(lab: SwitchLab, ns: str, argv: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO_ROOT, env=env, **kw)
 
 
-def _node(lab: SwitchLab, i: int, work: str, endpoint: str, host: int | None = None) -> subprocess.Popen:
+def _node(lab: SwitchLab, i: int, work: str, endpoint: str, host: int | None = None, map_gb: float = 2.0,
+          high_water: float = 0.9) -> subprocess.Popen:
     host = i if host is None else host
     proc = _popen(lab, lab.hosts[host], [sys.executable, "-m", "kvstore.cli", "serve", "--listen",
-                  f"{lab.ip(host)}:{7070 + i}", "--data", f"{work}/node{i}", "--map-size-gb", "2", "--no-sync",
+                  f"{lab.ip(host)}:{7070 + i}", "--data", f"{work}/node{i}", "--map-size-gb", str(map_gb),
+                  "--high-water", str(high_water), "--no-sync",
                   "--etcd", endpoint, "--cluster", "bench", "--etcd-ttl", "3", "--host-id", f"bench-host-{host}",
                   "--log-level", "WARNING", "--no-data-plane"], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -127,7 +134,8 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def run_once(p: ClusterParams, edge: bool) -> dict:
+def run_once(p: ClusterParams, edge: bool, map_gb: float | None = None, high_water: float = 0.9) -> dict:
+    map_gb = map_gb or p.map_size_gb
     work = tempfile.mkdtemp(prefix="kvbench-cluster-")
     procs: list[subprocess.Popen] = []
     try:
@@ -139,7 +147,7 @@ def run_once(p: ClusterParams, edge: bool) -> dict:
                                 "--listen-peer-urls", f"http://{ETCD_IP}:2380", "--log-level", "error",
                                 "--logger", "zap"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1.5)
-            nodes = [_node(lab, i, work, endpoint) for i in range(p.hosts)]
+            nodes = [_node(lab, i, work, endpoint, map_gb=map_gb, high_water=high_water) for i in range(p.hosts)]
             procs += nodes
             client = [sys.executable, "-m", "bench.cluster_client", "--etcd", endpoint, "--docs", str(p.docs),
                       "--blocks", str(p.blocks), "--record-kib", str(p.block_tokens * 4), "--zipf", str(p.zipf)]
@@ -156,7 +164,8 @@ def run_once(p: ClusterParams, edge: bool) -> dict:
                     stdout=subprocess.PIPE, text=True))
             started = time.monotonic()
             time.sleep(p.seconds / 3)
-            joiner = _node(lab, p.hosts, work, endpoint, host=p.hosts - 1)  # a second node on the last host
+            joiner = _node(lab, p.hosts, work, endpoint, host=p.hosts - 1, map_gb=map_gb,
+                           high_water=high_water)  # a second node on the last host
             procs.append(joiner)
             events = {"join": round(time.monotonic() - started, 1)}
             time.sleep(max(0.0, 2 * p.seconds / 3 - (time.monotonic() - started)))
@@ -164,13 +173,31 @@ def run_once(p: ClusterParams, edge: bool) -> dict:
             events["leave"] = round(time.monotonic() - started, 1)
             lines = [r.communicate(timeout=p.seconds + 300)[0] for r in readers]
             link = lab.link_bytes() - base_bytes
+            evicted = _evicted(lab, p.hosts)
     finally:
         for proc in reversed(procs):
             _stop(proc)
         shutil.rmtree(work, ignore_errors=True)
     requests = [dict(json.loads(line), host=i) for i, out in enumerate(lines) for line in out.splitlines()
                 if line.startswith("{")]
-    return _summary(requests, p, link, events)
+    return {**_summary(requests, p, link, events), "evicted_records": evicted,
+            "map_gb": map_gb, "high_water": high_water}
+
+
+def _evicted(lab: SwitchLab, hosts: int) -> int:
+    """Records the first `hosts` nodes evicted (their Stat), asked from inside each host."""
+    code = ("import json, sys; from kvclient import Client\n"
+            "with Client([sys.argv[1]], replication=1, edge=False) as c: print(json.dumps(c.stat()))")
+    total = 0
+    for i in range(hosts):
+        proc = _popen(lab, lab.hosts[i], [sys.executable, "-c", code, f"{lab.ip(i)}:{7070 + i}"],
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            out = proc.communicate(timeout=60)[0]
+            total += int(next(iter(json.loads(out.strip().splitlines()[-1]).values())).get("evicted_records", 0))
+        except (ValueError, IndexError, StopIteration, subprocess.TimeoutExpired):
+            proc.kill()
+    return total
 
 
 def _summary(requests: list[dict], p: ClusterParams, link_bytes: int, events: dict) -> dict:
@@ -198,8 +225,11 @@ def _summary(requests: list[dict], p: ClusterParams, link_bytes: int, events: di
 
 def run(p: ClusterParams) -> Report:
     runs = {"edge": run_once(p, True), "no_edge": run_once(p, False)}
+    if p.small_map_gb:
+        runs["edge_small_map"] = run_once(p, True, p.small_map_gb, p.small_high_water)
     rows = [[name, r["requests"], r["local_share"], r["local_share_second_half"], r["fetch_ms_p50"],
-             r["fetch_ms_p99"], round(r["bytes_over_links"] / 1e6, 1), r["failed_reads"]] for name, r in runs.items()]
+             r["fetch_ms_p99"], round(r["bytes_over_links"] / 1e6, 1), r["failed_reads"], r["evicted_records"]]
+            for name, r in runs.items()]
     target = runs["edge"]["local_share_second_half"] >= 0.8
     notes = [f"Local share of record bytes in the second half: {runs['edge']['local_share_second_half']} with the "
              f"edge tier, {runs['no_edge']['local_share_second_half']} without (target >= 0.8 vs ~0.5): "
@@ -208,6 +238,15 @@ def run(p: ClusterParams) -> Report:
              f"each; a fifth node joins on the last host at {runs['edge']['events_s']['join']} s and leaves at "
              f"{runs['edge']['events_s']['leave']} s; replication {p.replication}; Zipf s={p.zipf} over {p.docs} "
              f"documents of {p.blocks} blocks x 36 layers, {p.block_tokens * 4} KiB records."]
+    if "edge_small_map" in runs:
+        small = runs["edge_small_map"]
+        total_mb = p.docs * p.blocks * 36 * p.block_tokens * 4 / 1024
+        notes.append(f"edge small map: each node's map {p.small_map_gb:g} GiB evicting above {p.small_high_water:g} "
+                     f"(about {p.small_map_gb * 1024 * p.small_high_water:.0f} MiB, against {total_mb:.0f} MiB of "
+                     f"documents, {total_mb * p.replication / p.hosts:.0f} MiB owned per node): "
+                     f"{small['evicted_records']} edge records evicted, local share in the second half "
+                     f"{small['local_share_second_half']}, {small['failed_reads']} failed reads: the hot documents "
+                     f"stay local, the cold ones are read from their owners.")
 
     def plot(fig) -> None:
         ax = fig.add_subplot(1, 1, 1)
@@ -224,5 +263,5 @@ def run(p: ClusterParams) -> Report:
 
     return Report("cluster", asdict(p), {"runs": runs, "target_met": target},
                   Table(["run", "requests", "local share", "local share 2nd half", "fetch p50 ms", "fetch p99 ms",
-                         "MB over links", "failed reads"], rows),
+                         "MB over links", "failed reads", "evicted records"], rows),
                   notes, plot, "prefill CDN: local share with and without the edge tier")

@@ -11,7 +11,8 @@ from prometheus_client import Counter, Gauge
 
 from kvproto.pb import kvcache_pb2 as pb
 
-from .market import COUNTERS, MAX_TENANT_LABELS, Market
+from .market import MAX_TENANT_LABELS, Market
+from .meter import COUNTERS
 from .servicer import parse
 
 

@@ -27,11 +27,16 @@ from transformers import DynamicCache
 from kvclient.market import ListingView, Market
 from kvproto import market as mk
 from kvproto.keys import record_key
-from kvproto.pb import kvcache_pb2 as pb
 from kvproto.record import prefix_length
 
 from .blocks import PrefixPlan, export_segment, plan_prefix
 from .codec import HEADER_SIZE, RecordError, parse_header, raw_payload
+from .listing_match import (
+    best_listing,
+    prompt_entry,
+    rejected_entries,
+    trusted_listings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,37 +178,17 @@ class ListingReader:
 
     def refresh(self, force: bool = False) -> list[ListingView]:
         if force or time.monotonic() - self._at > self.refresh_seconds:
-            usable = []
-            for view in self.market.listings():
-                key = self.trust.get(view.manifest.publisher)
-                try:
-                    if key is None or key != view.public_key:
-                        raise mk.ManifestError(f"no trusted key for publisher {view.manifest.publisher!r}")
-                    mk.verify(view.manifest.raw, view.signature, view.public_key)
-                except mk.ManifestError as exc:
-                    self.stats["untrusted_listings"] += 1
-                    log.warning("listing %s not used: %s", view.manifest.listing, exc)
-                    continue
-                if view.status == "ok" and not view.withdrawn_ns:
-                    usable.append(view)
-            self._views, self._at = usable, time.monotonic()
+            self._views = trusted_listings(self.market.listings(), self.trust, self.stats)
+            self._at = time.monotonic()
         return self._views
 
     def route(self, tokens: list[int], own: PrefixPlan, generator) -> tuple[PrefixPlan, object]:
         """(plan, store) for this prompt: the listing's when it has the longer stored prefix."""
-        best = None
-        for view in self.refresh():
-            m = view.manifest
-            if m.fingerprint != generator.fingerprint or m.block_size != own.block_size:
-                continue
-            plan = plan_prefix(m.namespace, tokens, own.block_size)
-            listed = {key[:32] for key, _, _ in m.records if key[-2:] == b"\x00\x00"}
-            run = sum(1 for _ in _leading(plan, listed))
-            if run and (best is None or run > best[0]):
-                best = (run, plan, view)
-        if best is None:
+        match = best_listing(self.refresh(), tokens, generator.fingerprint, own.block_size)
+        if match is None:
             return own, self.client
-        run, plan, view = best
+        run, view = match.run, match.view
+        plan = plan_prefix(view.manifest.namespace, tokens, own.block_size)
         store = ListingStore(self.client, view)
         own_keys = [record_key(key, 0) for key, _, _ in own.segments()]
         listing_keys = [store._key(record_key(key, 0)) for key, _, _ in plan.segments()[:run]]
@@ -222,24 +207,14 @@ class ListingReader:
             result.miss_reasons["provenance"] += len(store.rejected)
         if not self.report:
             return
-        entries = [pb.MeterEntry(id=secrets.token_bytes(16), kind="prompt", tokens=result.cached_tokens,
-                                 prompt_tokens=result.prompt_tokens,
-                                 listing=store.view.manifest.listing if isinstance(store, ListingStore) else "")]
+        listing = store.view.manifest.listing if isinstance(store, ListingStore) else ""
+        entries = [prompt_entry(result.prompt_tokens, result.cached_tokens, listing)]
         if isinstance(store, ListingStore):
-            entries += [pb.MeterEntry(id=mk.meter_id(b"rejected", store.load_id, bytes([i % 256, i // 256])),
-                                      kind="rejected", listing=store.view.manifest.listing, records=i)
-                        for i in store.rejected if i >= 0]
+            entries += rejected_entries(listing, store.load_id, store.rejected)
         try:
             self.market.report(entries)
         except Exception as exc:  # noqa: BLE001 - a lost report costs a statistic, never an answer
             log.warning("usage report failed: %s", exc)
-
-
-def _leading(plan: PrefixPlan, listed: set[bytes]):
-    for key in plan.block_keys:
-        if key not in listed:
-            return
-        yield key
 
 
 @dataclass

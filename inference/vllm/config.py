@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from ..fingerprint import FINGERPRINT_VERSION, canonical_json, config_fields, fi
 PREFIX = "kv_connector_extra_config"
 NODES_ENV = "KVCACHE_NODES"
 KNOWN = {"nodes", "cluster_file", "replication", "write_quorum", "token", "tls_ca", "tenant_salt", "block_size",
-         "colocated", "verify", "timeout", "fingerprint", "save"}
+         "colocated", "verify", "timeout", "fingerprint", "save", "listings", "trust_file",
+         "listings_refresh_seconds"}
 _SALT_LEN = struct.Struct("<I")
 
 
@@ -43,6 +45,9 @@ class ConnectorConfig:
     timeout: float = 10.0
     fingerprint: str | None = None  # given by the operator instead of computed (big models, hub ids)
     save: bool = True  # publish new blocks (False: a reader that only loads)
+    listings: bool = False  # also load prefixes from the context market's listings (docs/market.md)
+    trust: tuple[tuple[str, bytes], ...] = ()  # publisher tenant -> Ed25519 key, from `trust_file`
+    listings_refresh_seconds: float = 30.0
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None, vllm_block_size: int) -> "ConnectorConfig":
@@ -82,14 +87,15 @@ class ConnectorConfig:
         fingerprint = extra.get("fingerprint")
         if fingerprint is not None and not _is_hex(str(fingerprint), 64):
             raise ConfigError(f"{PREFIX}.fingerprint: 64 hex digits, got {fingerprint!r}")
-        timeout = extra.get("timeout", 10.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ConfigError(f"{PREFIX}.timeout: seconds > 0, got {timeout!r}")
+        timeout = _seconds(extra, "timeout", 10.0, positive=True)
+        listings = _bool(extra, "listings", False)
+        trust = _trust(extra, listings)
         return cls(
             nodes=nodes, replication=replication, write_quorum=_int(extra, "write_quorum", 1, 1),
             token=extra.get("token"), tls_ca=tls_ca, tenant_salt=_string(extra, "tenant_salt", "").encode(),
             block_size=block_size, colocated=_bool(extra, "colocated", True), verify=_bool(extra, "verify", True),
-            timeout=float(timeout), fingerprint=fingerprint, save=_bool(extra, "save", True),
+            timeout=timeout, fingerprint=fingerprint, save=_bool(extra, "save", True), listings=listings,
+            trust=trust, listings_refresh_seconds=_seconds(extra, "listings_refresh_seconds", 30.0, positive=False),
         )
 
     def client(self):
@@ -178,6 +184,37 @@ def _bool(extra: dict, key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{PREFIX}.{key}: true or false, got {value!r}")
     return value
+
+
+def _seconds(extra: dict, key: str, default: float, positive: bool) -> float:
+    value = extra.get(key, default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{PREFIX}.{key}: seconds {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
+
+
+def _trust(extra: dict, listings: bool) -> tuple[tuple[str, bytes], ...]:
+    """The publishers whose listings the engine may load: `trust_file`, required with `listings`."""
+    if "trust_file" not in extra:
+        if listings:
+            raise ConfigError(f"{PREFIX}.trust_file: required when listings is on (a file of 'TENANT HEXKEY' "
+                              "lines: the publishers whose signed listings this engine may load)")
+        return ()
+    path = _string(extra, "trust_file")
+    if not listings:
+        raise ConfigError(f"{PREFIX}.trust_file: set listings to true to use it")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{PREFIX}.trust_file: {path} does not exist")
+    from ..listings import load_trust
+
+    try:
+        trust = load_trust(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{PREFIX}.trust_file: {exc}") from None
+    if not trust:
+        raise ConfigError(f"{PREFIX}.trust_file: {path} names no publisher")
+    return tuple(sorted(trust.items()))
 
 
 def _string(extra: dict, key: str, default: str | None = None) -> str:

@@ -90,7 +90,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         if self.worker is not None:
             self.worker.close()
         if self.scheduler is not None:
-            self.scheduler.client.close()
+            self.scheduler.close()
 
     # ---- scheduler side ------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -5,6 +5,12 @@ keyed by key spec v1 under the engine's fingerprint and the request's salt. One 
 ``exists`` of every block's layer-0 record gives the stored prefix (layer 0 present ⇒ all layers:
 a block's layers are written by one atomic ``put_many``). The hit is capped so that at least one
 prompt token is computed. Blocks the store lacks are published as soon as a step completes them.
+With ``listings`` on, a prompt whose leading blocks a readable listing names is matched first
+(pure hashing, ``listings.ListingRouter``) and the listing's layer-0 listing keys join that one
+``exists``; the longer stored prefix wins. A listing-routed request loads through listing keys,
+each record checked against its manifest digest by the worker, and saves nothing: the loaded
+prefix is the publisher's (a copy under the buyer's keys would turn one metered load into free
+ones), and blocks after it would hang off a chain whose start the buyer's namespace lacks.
 The plans travel to the worker in ``StoreConnectorMetadata`` (plain data: it is pickled between
 the scheduler and worker processes; never network data).
 """
@@ -23,6 +29,7 @@ from kvproto.keys import block_keys, record_key
 from kvproto.record import prefix_length
 
 from .config import ConnectorConfig, request_namespace
+from .listings import ListingRoute, ListingRouter, ListingSource
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,9 @@ class BlockTransfer:
     key: bytes  # the store block's key (h_i)
     block_ids: list[int]  # the vLLM blocks that hold its tokens, in order
     skip: int = 0  # leading vLLM blocks a load leaves alone (vLLM computed them itself)
+    source: ListingSource | None = None  # a listing's block: `key` is in the publisher's namespace
+    digests: tuple[bytes, ...] = ()  # per layer, the manifest's SHA-256 of the record (listing loads)
+    records: tuple[int, ...] = ()  # per layer, the record's manifest index (for rejection reports)
 
 
 @dataclass
@@ -55,6 +65,8 @@ class _Request:
     pending: tuple[int, int] | None = None  # tokens [start, end) to load in the next step
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # store blocks stored or published
+    route: ListingRoute | None = None  # the prefix comes from a listing (no saves then)
+    loaded: int = 0  # tokens planned to load (reported with the prompt when listings are on)
 
 
 class SchedulerSide:
@@ -65,6 +77,8 @@ class SchedulerSide:
         self.vllm_block = vllm_block_size
         self.requests: dict[str, _Request] = {}
         self.stats: Counter = Counter()
+        self.router = (ListingRouter(client, dict(config.trust), config.listings_refresh_seconds, fingerprint,
+                                     config.block_size) if config.listings else None)
 
     def _request(self, request: Any) -> _Request | None:
         state = self.requests.get(request.request_id)
@@ -84,21 +98,29 @@ class SchedulerSide:
         if state is None:
             return 0, False
         if state.stored is None:
-            state.stored = self._lookup(state)
+            state.stored = self._lookup(state, request.prompt_token_ids)
             state.saved = state.stored
         hit = min(state.stored, state.loadable) * self.block
         state.load_start = num_computed
         return max(0, hit - num_computed), False
 
-    def _lookup(self, state: _Request) -> int:
+    def _lookup(self, state: _Request, tokens: list[int]) -> int:
         if not state.keys:
             return 0
-        try:
-            stored = prefix_length(self.client.exists([record_key(key, 0) for key in state.keys]))
+        own = [record_key(key, 0) for key in state.keys]
+        route = self.router.route(tokens, state.loadable) if self.router is not None else None
+        try:  # one batched lookup: the own chain, and the best listing's keys if one matched
+            present = self.client.exists(own + (route.probe() if route is not None else []))
         except KVCacheError as exc:
             log.warning("kvstore lookup failed, computing the prompt: %s", exc)
             self.stats["miss_tokens:store_error"] += state.loadable * self.block
             return 0
+        stored = prefix_length(present[: len(own)])
+        if route is not None:
+            listed = prefix_length(present[len(own):])
+            if listed > min(stored, state.loadable):
+                state.route, stored = route.cut(listed), listed
+                self.stats["listing_routes"] += 1
         usable = min(stored, state.loadable)
         self.stats["lookup_hit_tokens"] += usable * self.block
         if usable < state.loadable:
@@ -110,6 +132,7 @@ class SchedulerSide:
         if state is None:
             return
         state.pending = (state.load_start, state.load_start + num_external_tokens) if num_external_tokens else None
+        state.loaded += num_external_tokens
 
     def build_meta(self, scheduler_output: Any) -> StoreConnectorMetadata:
         meta = StoreConnectorMetadata()
@@ -142,8 +165,11 @@ class SchedulerSide:
                 if ids is None:
                     break
                 skip = max(0, start - j * self.block) // self.vllm_block
-                transfer.loads.append(BlockTransfer(state.keys[j], ids, skip))
-        if self.config.save:
+                route = state.route
+                transfer.loads.append(BlockTransfer(state.keys[j], ids, skip) if route is None else
+                                      BlockTransfer(route.keys[j], ids, skip, route.source, route.digests[j],
+                                                    route.records[j]))
+        if self.config.save and state.route is None:
             done = min(computed_after // self.block, len(state.keys))
             while state.saved < done:
                 ids = self._ids(state, state.saved)
@@ -159,7 +185,15 @@ class SchedulerSide:
         return ids if len(ids) == self.per_block else None
 
     def finished(self, request: Any) -> None:
-        self.requests.pop(request.request_id, None)
+        state = self.requests.pop(request.request_id, None)
+        if state is not None and self.router is not None:
+            self.router.report(len(request.prompt_token_ids), state.loaded,
+                               state.route.source.listing if state.route is not None else "")
+
+    def close(self) -> None:
+        if self.router is not None:
+            self.router.close()
+        self.client.close()
 
     def take_stats(self) -> dict[str, int]:
         out, self.stats = dict(self.stats), Counter()

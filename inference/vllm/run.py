@@ -6,7 +6,9 @@ Prints ``READY {...}`` once the engine is up, then answers each command line on 
 ``RESULT {...}`` line. A command: ``{"prompts": [[token ids], ...], "max_tokens": 16,
 "cache_salt": "..."}`` (``{"quit": true}`` ends it). A result: per prompt the generated token ids,
 text and ``num_cached_tokens``; the wall seconds of the call; the connector's counters so far
-(``vllm:kvstore_*`` from ``LLM.get_metrics()``). ``Engine`` is the parent's handle.
+(``vllm:kvstore_*`` from ``LLM.get_metrics()``). ``{"identity": true}`` answers the connector's
+fingerprint and the model's layer count (what a publisher names its stored blocks by:
+``inference.vllm.listings.publish_stored``). ``Engine`` is the parent's handle.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def kvstore_metrics(llm: Any) -> dict[str, float]:
     return out
 
 
+def identity(llm: Any, kv_transfer_config: dict) -> dict[str, Any]:
+    """The connector's fingerprint (computed as its scheduler does, or the configured one) and layers."""
+    from .config import vllm_fingerprint
+
+    config = llm.llm_engine.vllm_config
+    extra = kv_transfer_config.get("kv_connector_extra_config") or {}
+    return {"fingerprint": extra.get("fingerprint") or vllm_fingerprint(config),
+            "layers": config.model_config.get_num_layers(config.parallel_config)}
+
+
 def serve(args: argparse.Namespace) -> int:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -52,6 +64,9 @@ def serve(args: argparse.Namespace) -> int:
         cmd = json.loads(line)
         if cmd.get("quit"):
             break
+        if cmd.get("identity"):
+            print("RESULT", json.dumps(identity(llm, json.loads(args.kv_transfer_config or "{}"))), flush=True)
+            continue
         salt = cmd.get("cache_salt")
         prompts = [{"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})} for ids in cmd["prompts"]]
         params = SamplingParams(max_tokens=cmd.get("max_tokens", 16), temperature=0.0)
@@ -102,6 +117,12 @@ class Engine:
                  timeout: float = 600) -> dict:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens, "cache_salt": cache_salt})
                               + "\n")
+        self.proc.stdin.flush()
+        return self._read("RESULT", timeout)
+
+    def identity(self, timeout: float = 120) -> dict:
+        """{"fingerprint", "layers"} of the engine's connector."""
+        self.proc.stdin.write(json.dumps({"identity": True}) + "\n")
         self.proc.stdin.flush()
         return self._read("RESULT", timeout)
 

@@ -3,9 +3,11 @@ the workers, summed, then logged and exported to Prometheus (``vllm:kvstore_*`` 
 ``/metrics``, or ``LLM.get_metrics()`` offline).
 
 Keys of the data dict: ``hit_tokens`` (loaded into vLLM), ``lookup_hit_tokens`` (found by the
-scheduler), ``miss_tokens:<reason>`` (absent, store_error, corrupt, missing_layer, dtype_mismatch,
-shape_mismatch, layer_mismatch, bad_header), ``load_bytes``, ``load_seconds_us``, ``save_bytes``,
-``save_seconds_us``, ``saved_blocks``, ``save_errors``.
+scheduler), ``listing_hit_tokens`` (the part of ``hit_tokens`` loaded from listings),
+``listing_routes`` (requests a listing supplied), ``miss_tokens:<reason>`` (absent, store_error,
+corrupt, missing_layer, dtype_mismatch, shape_mismatch, layer_mismatch, bad_header, provenance: a
+listing's record that does not hash to its manifest digest), ``load_bytes``, ``load_seconds_us``,
+``save_bytes``, ``save_seconds_us``, ``saved_blocks``, ``save_errors``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ MISS = "miss_tokens:"
 PLAIN = {
     "hit_tokens": ("vllm:kvstore_hit_tokens", "Prompt tokens loaded from the KV store", 1),
     "lookup_hit_tokens": ("vllm:kvstore_lookup_hit_tokens", "Prompt tokens the KV store had at lookup", 1),
+    "listing_hit_tokens": ("vllm:kvstore_listing_hit_tokens", "Prompt tokens loaded from market listings", 1),
+    "listing_routes": ("vllm:kvstore_listing_routes", "Requests whose prefix a market listing supplied", 1),
     "load_bytes": ("vllm:kvstore_load_bytes", "Bytes of KV records loaded", 1),
     "load_seconds_us": ("vllm:kvstore_load_seconds", "Seconds spent loading KV records", 1e-6),
     "save_bytes": ("vllm:kvstore_save_bytes", "Bytes of KV records written", 1),
@@ -29,7 +33,7 @@ PLAIN = {
     "save_errors": ("vllm:kvstore_save_errors", "Store blocks that could not be written", 1),
 }
 REASONS = ("absent", "store_error", "corrupt", "missing_layer", "dtype_mismatch", "shape_mismatch",
-           "layer_mismatch", "bad_header")
+           "layer_mismatch", "bad_header", "provenance")
 
 
 @dataclass

@@ -10,6 +10,10 @@ the wrong dtype, shape or layer, or a store that does not answer, fails its stor
 block's and every later block's vLLM blocks are reported by ``get_block_ids_with_load_errors``
 and vLLM recomputes them (``kv_load_failure_policy: "recompute"``); the failure is counted by
 reason.
+A block of a listing (``BlockTransfer.source``) is read through listing keys and every record's
+SHA-256 is checked against the manifest digest the scheduler sent before it is copied: a record
+that fails is a ``provenance`` miss, failing its block like a corrupt one; the rejected records
+are reported to the node (which credits them if the stored record really differs).
 
 Saves: ``save_kv_layer`` gathers each newly completed store block out of the layer's cache (a
 copy, so vLLM may free the blocks at once); ``wait_for_save`` hands complete blocks (all layers)
@@ -28,10 +32,13 @@ from typing import Any
 
 import torch
 
+from kvclient.market import Market
+from kvproto import market as mk
 from kvproto.errors import KVCacheError
 from kvproto.keys import record_key
 
 from ..codec import RecordError, encode, fitting_payload
+from ..listing_match import rejected_entries
 from .layout import PagedLayout
 from .plan import RequestTransfer, StoreConnectorMetadata
 
@@ -120,12 +127,16 @@ class WorkerSide:
                 self.failed_block_ids.update(loads[b].block_ids[loads[b].skip:])
             with self.lock:
                 self.stats["hit_tokens"] += sum(self.block - bt.skip * self.vllm_block for bt in loads[:usable])
+                self.stats["listing_hit_tokens"] += sum(self.block - bt.skip * self.vllm_block
+                                                        for bt in loads[:usable] if bt.source is not None)
                 for b in range(usable, len(loads)):
                     reason = failed.get(b, failed[usable]) if failed else "store_error"
                     self.stats[f"miss_tokens:{reason}"] += self.block - loads[b].skip * self.vllm_block
         with self.lock:
             self.stats["load_bytes"] += job.nbytes
             self.stats["load_seconds_us"] += int(job.seconds * 1e6)
+        if job.rejected:
+            self.saver.submit(self._report_rejected, job.rejected)
 
     def _run(self, job: "_LoadJob") -> None:
         started = time.perf_counter()
@@ -150,13 +161,14 @@ class WorkerSide:
             job.seconds = time.perf_counter() - started
 
     def _load_layers(self, job: "_LoadJob", layers: range) -> None:
-        """One read_into for these layers' records of every block still usable."""
+        """One read_into for these layers' records of every block still usable (before the
+        request's first failed block: a later one could not be used)."""
         layout = self.layout
-        wanted = [(t, b, layer) for layer in layers for t, transfer in enumerate(job.work)
-                  for b in range(len(transfer.loads)) if b not in job.failed[t]]
+        usable = [min(failed, default=len(transfer.loads)) for failed, transfer in zip(job.failed, job.work)]
+        wanted = [(t, b, layer) for layer in layers for t in range(len(job.work)) for b in range(usable[t])]
         if not wanted:
             return
-        keys = [record_key(job.work[t].loads[b].key, layer) for t, b, layer in wanted]
+        keys = [_read_key(job.work[t].loads[b], layer) for t, b, layer in wanted]
         shape = (2, self.kv_heads, self.block, self.head_dim)
         per_record = self.block // self.vllm_block
         delivered: set[int] = set()
@@ -167,12 +179,16 @@ class WorkerSide:
                 delivered.add(i)
                 if b in job.failed[t]:
                     continue
+                bt = job.work[t].loads[b]
+                if bt.source is not None and not _as_listed(bt, layer, view):
+                    job.failed[t][b] = "provenance"
+                    job.rejected.append((bt.source, bt.records[layer] if layer < len(bt.records) else -1))
+                    continue
                 try:
                     _, raw = fitting_payload(view, self.dtype, shape, layer)
                 except RecordError as exc:
                     job.failed[t][b] = exc.reason
                     continue
-                bt = job.work[t].loads[b]
                 layout.scatter_record(self.caches[layer], bt.block_ids[bt.skip:],
                                       torch.frombuffer(raw, dtype=self.dtype), per_record, bt.skip)
                 job.nbytes += len(view)
@@ -191,6 +207,16 @@ class WorkerSide:
             for i, reason in zip(lacking, reasons):
                 t, b, _ = wanted[i]
                 job.failed[t].setdefault(b, reason)
+
+    def _report_rejected(self, rejected: list) -> None:
+        by_source: dict = {}
+        for source, index in rejected:
+            by_source.setdefault(source, []).append(index)
+        for source, indices in by_source.items():
+            try:
+                Market(self.client).report(rejected_entries(source.listing, source.load_id, indices))
+            except KVCacheError as exc:  # a lost report costs the buyer a credit, never an answer
+                log.warning("kvstore rejection report failed: %s", exc)
 
     def load_errors(self) -> set[int]:
         self.finish_loads()
@@ -263,6 +289,17 @@ class WorkerSide:
                 self._client.close()
 
 
+def _read_key(bt: Any, layer: int) -> bytes:
+    key = record_key(bt.key, layer)
+    return key if bt.source is None else bt.source.key(key)
+
+
+def _as_listed(bt: Any, layer: int, view: memoryview) -> bool:
+    """Whether a listing's record hashes to its manifest digest (SHA-256 of record key ‖ payload)."""
+    digest = bt.digests[layer] if layer < len(bt.digests) else b""
+    return bool(digest) and mk.record_digest(record_key(bt.key, layer), view) == digest
+
+
 class _LoadJob:
     """One step's loads: the requests' transfers, per-layer completion, failures per request."""
 
@@ -270,6 +307,7 @@ class _LoadJob:
         self.work = work
         self.done = [threading.Event() for _ in range(n_layers)]
         self.failed: list[dict[int, str]] = [{} for _ in work]  # per request: store block -> reason
+        self.rejected: list[tuple[Any, int]] = []  # (listing source, manifest index) provenance refused
         self.thread: threading.Thread | None = None
         self.nbytes = 0
         self.seconds = 0.0

@@ -1,0 +1,148 @@
+"""The connector's side of the context market (docs/market.md, "vLLM").
+
+Reading (``listings: true``): ``ListingRouter`` keeps the listings the engine's tenant may read
+(``Listings``, refreshed every ``listings_refresh_seconds``, each signature checked against the
+trust file) and gives the scheduler, for a prompt, the listing naming most of its leading
+blocks (pure hashing, ``inference.listing_match``) as a ``ListingRoute``: the document's block
+keys in the publisher's namespace, one load id for the request (its retries and hedges reuse
+it, so the node meters each record once) and the manifest's SHA-256 of every record, which the
+worker checks before a byte reaches vLLM's blocks. The scheduler folds the route's layer-0
+listing keys into its one batched ``exists``. After a request, its prompt length and loaded
+tokens are reported to the node (the token hit ratio) off the scheduler's thread.
+
+Publishing: ``publish_stored`` signs and lists the blocks an engine stored of a document.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kvclient.market import ListingView, Market
+from kvproto import market as mk
+from kvproto.errors import KVCacheError
+from kvproto.keys import block_keys, record_key
+
+from ..listing_match import best_listing, prompt_entry, trusted_listings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ListingSource:
+    """Where a listing-routed load reads: plain data, pickled from the scheduler to the worker."""
+
+    listing: str  # the listing id (for the worker's reports)
+    tag: bytes  # kvproto.market.listing_tag(listing)
+    load_id: bytes  # one per request
+
+    def key(self, record: bytes) -> bytes:
+        return mk.listing_key(record, self.tag, self.load_id)
+
+
+@dataclass
+class ListingRoute:
+    source: ListingSource
+    keys: list[bytes]  # the prompt's leading block keys in the publisher's namespace
+    digests: list[tuple[bytes, ...]]  # per block, per layer: the manifest's SHA-256 (b"": not listed)
+    records: list[tuple[int, ...]]  # per block, per layer: the manifest index (-1: not listed)
+
+    def probe(self) -> list[bytes]:
+        """The layer-0 listing keys of the route's blocks (for the one batched exists)."""
+        return [self.source.key(record_key(key, 0)) for key in self.keys]
+
+    def cut(self, blocks: int) -> ListingRoute:
+        return ListingRoute(self.source, self.keys[:blocks], self.digests[:blocks], self.records[:blocks])
+
+
+class ListingRouter:
+    def __init__(self, client, trust: dict[str, bytes], refresh_seconds: float, fingerprint: str,
+                 block_size: int) -> None:
+        self.client, self.trust, self.refresh_seconds = client, trust, refresh_seconds
+        self.fingerprint, self.block_size = fingerprint, block_size
+        self.market = Market(client)
+        self._views: list[ListingView] = []
+        self._at = -float("inf")
+        self._reports: list = []
+        self._sending = False
+        self._lock = threading.Lock()
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-report")
+
+    def refresh(self) -> list[ListingView]:
+        if time.monotonic() - self._at > self.refresh_seconds:
+            try:
+                self._views = trusted_listings(self.market.listings(), self.trust)
+            except KVCacheError as exc:  # no node answered: keep what was known
+                log.warning("kvstore listings not refreshed: %s", exc)
+            self._at = time.monotonic()
+        return self._views
+
+    def route(self, tokens: Sequence[int], blocks: int) -> ListingRoute | None:
+        """The listing naming most of the first `blocks` blocks of `tokens`, or None."""
+        if blocks <= 0:
+            return None
+        match = best_listing(self.refresh(), tokens[: blocks * self.block_size], self.fingerprint,
+                             self.block_size)
+        if match is None:
+            return None
+        m = match.view.manifest
+        index = m.index_of()
+        records = [tuple(index.get(record_key(key, layer), -1) for layer in range(m.layers))
+                   for key in match.block_keys]
+        digests = [tuple(m.records[i][1] if i >= 0 else b"" for i in block) for block in records]
+        source = ListingSource(m.listing, m.tag, secrets.token_bytes(mk.LOAD_ID_BYTES))
+        return ListingRoute(source, match.block_keys, digests, records)
+
+    def report(self, prompt_tokens: int, cached_tokens: int, listing: str) -> None:
+        """Queue a request's prompt entry; one thread sends what queued meanwhile in one Report."""
+        with self._lock:
+            self._reports.append(prompt_entry(prompt_tokens, cached_tokens, listing))
+            if self._sending:
+                return
+            self._sending = True
+        self._sender.submit(self._send)
+
+    def _send(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._reports = self._reports, []
+                if not batch:
+                    self._sending = False
+                    return
+            try:
+                self.market.report(batch)
+            except KVCacheError as exc:  # a lost report costs a statistic, never an answer
+                log.warning("kvstore usage report failed: %s", exc)
+
+    def close(self) -> None:
+        self._sender.shutdown(wait=True)
+
+
+def publish_stored(client, *, namespace: bytes, fingerprint: str, tokens: Sequence[int], block_size: int,
+                   layers: int, listing: str, publisher: str, private_key, price_per_1k_loaded: float,
+                   price_per_1m_token_hours: float = 0.0, visibility: str = "granted") -> mk.Manifest:
+    """Sign and publish the stored full blocks of `tokens` in `namespace` (what a vLLM engine
+    stored: ``inference.vllm.config.request_namespace(fingerprint, tenant_salt, cache_salt)``).
+
+    The manifest covers the full blocks only (vLLM stores no partial block), so its token ids are
+    the tokens those blocks hold. ValueError if a record is not stored."""
+    keys = block_keys(namespace, tokens, block_size)
+    if not keys:
+        raise ValueError(f"the document has no full block of {block_size} tokens")
+    names = [record_key(key, layer) for key in keys for layer in range(layers)]
+    values = client.get_many(names)
+    missing = sum(v is None for v in values)
+    if missing:
+        raise ValueError(f"{missing} of {len(names)} records of the document are not stored: generate it first")
+    records = [(name, mk.record_digest(name, value), block_size) for name, value in zip(names, values)]
+    raw = mk.build_manifest(listing=listing, publisher=publisher, fingerprint=fingerprint, namespace=namespace,
+                            block_size=block_size, layers=layers, token_ids=list(tokens[: len(keys) * block_size]),
+                            records=records, price_per_1k_loaded=price_per_1k_loaded,
+                            price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
+    Market(client).publish(raw, private_key)
+    return mk.parse_manifest(raw)

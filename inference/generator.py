@@ -1,4 +1,6 @@
-"""CachedGenerator: generate with the longest cached KV prefix, publish what was new (write-behind)."""
+"""CachedGenerator: generate with the longest cached KV prefix, publish what was new (write-behind,
+``inference.writebehind``). ``GenerationResult``, ``FirstTokenClock`` and ``CACHE_KWARG`` live in
+``inference.results`` and are importable from here too."""
 
 from __future__ import annotations
 
@@ -9,95 +11,26 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import StaticCache
-from transformers.generation.streamers import BaseStreamer
 
 from kvproto.keys import DEFAULT_BLOCK_SIZE, namespace
 
-from kvproto.errors import KVCacheError
-
-from .blocks import KVLayout, LoadedPrefix, PrefixPlan, export_segment, plan_prefix
+from .blocks import KVLayout, LoadedPrefix, PrefixPlan, plan_prefix
 from .codec import CODECS
-from .loader import PrefixShortened, load_prefix
 from .fingerprint import fingerprint
 from .graphs import CHUNKED_PREFILL, static_cache
 from .kvbuffers import KVArena
+from .loader import PrefixShortened, load_prefix
+from .results import CACHE_KWARG, FirstTokenClock, GenerationResult
+from .writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
 
-def _cache_kwarg() -> str:
-    """generate's name for the cache argument: `cache` where transformers renamed it (5.24
-    deprecates `past_key_values`), `past_key_values` before."""
-    import inspect
-
-    import transformers.generation.utils as generation_utils
-
-    return "cache" if 'deprecate_kwarg("past_key_values"' in inspect.getsource(generation_utils) else "past_key_values"
-
-
-CACHE_KWARG = _cache_kwarg()
-
-
-@dataclass
-class GenerationResult:
-    sequences: torch.Tensor  # [1, prompt + new tokens]
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens whose KV came from the store
-    prefilled_tokens: int  # prompt tokens the model computed
-    fetch_seconds: float  # lookup + fetch + decode into the cache (with pipelined loads: until the forward starts)
-    prefill_seconds: float  # time to the first generated token, fetch excluded
-    fetched_bytes: int = 0
-    load_seconds: float = 0.0  # the whole load, start to end (overlaps prefill_seconds when pipelined)
-    miss_reasons: Counter = field(default_factory=Counter)
-    logits: tuple[torch.Tensor, ...] | None = None  # per generated token, if output_logits=True
-    published: Future | None = None  # the write-behind of this request's new blocks
-
-    @property
-    def new_tokens(self) -> torch.Tensor:
-        return self.sequences[0, self.prompt_tokens :]
-
-    @property
-    def time_to_first_token(self) -> float:
-        return self.fetch_seconds + self.prefill_seconds
-
-
-class FirstTokenClock(BaseStreamer):
-    """Timestamps the first generated token (generate puts the prompt first, then each new token)."""
-
-    def __init__(self, inner: BaseStreamer | None = None) -> None:
-        self.inner = inner
-        self.puts = 0
-        self.first_token_at: float | None = None
-        self.prompt_sent = False
-
-    def restart(self) -> None:
-        """generate is run again (its prompt is not passed on a second time)."""
-        self.puts = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts += 1
-        if self.puts == 2 and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        if self.puts == 1 and self.prompt_sent:
-            return
-        self.prompt_sent = True
-        if self.inner is not None:
-            self.inner.put(value)
-
-    def end(self) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        if self.inner is not None:
-            self.inner.end()
-
-
-class CachedGenerator:
+class CachedGenerator(WriteBehind):
     """Token-exact generation that reuses KV from any ``kvproto.store.Store``."""
 
     def __init__(
@@ -160,9 +93,7 @@ class CachedGenerator:
         self.namespace = namespace(self.fingerprint, tenant_salt)
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
-        self._pending: set[Future] = set()
-        self._inflight: set[bytes] = set()  # segment keys queued for publishing
+        self._start_write_behind()
 
     def plan(self, tokens: list[int]) -> PrefixPlan:
         """The block keys of `tokens` in this generator's namespace (what a lookup asks for)."""
@@ -339,68 +270,12 @@ class CachedGenerator:
                 **generate_kwargs,
             )
 
-    def _publish_new(self, plan: PrefixPlan, prefix: LoadedPrefix, cache) -> Future | None:
-        """Queue the blocks (and tail) this request computed; each block is one atomic put_many."""
-        segments = plan.segments()[prefix.blocks :]
-        if prefix.tail:
-            segments = segments[:-1]
-        with self._stats_lock:  # another request already publishing a block: leave it to that one
-            segments = [s for s in segments if s[0] not in self._inflight]
-            self._inflight.update(s[0] for s in segments)
-        if not segments:
-            return None
-        future = self._pool.submit(self._store_segments, cache, segments)
-        with self._stats_lock:
-            self._pending.add(future)
-        future.add_done_callback(self._forget)
-        return future
-
-    def _store_segments(self, cache, segments: list[tuple[bytes, int, int]]) -> int:
-        """The loader's lookup found these absent: they are written without asking again (a
-        writer that raced us makes the node answer "existed": first writer wins)."""
-        stored = 0
-        try:
-            for key, start, count in segments:
-                self.client.put_many(export_segment(cache, key, start, count, self.codec))
-                stored += 1
-        except KVCacheError as exc:  # write-behind: a failed publish costs a later miss, never an answer
-            log.warning("publishing KV blocks failed after %d of %d: %s", stored, len(segments), exc)
-            with self._stats_lock:
-                self.stats["publish_errors"] += 1
-        except Exception as exc:  # noqa: BLE001 - a bug: raised (tests) or counted with its traceback
-            if self.internal_errors == "raise":
-                raise
-            log.error("internal error while publishing KV blocks", exc_info=exc)
-            with self._stats_lock:
-                self.stats["internal_error"] += 1
-        finally:
-            with self._stats_lock:
-                self._inflight.difference_update(key for key, _, _ in segments)
-                self.stats["published_segments"] += stored
-        return stored
-
-    def _forget(self, future: Future) -> None:
-        with self._stats_lock:
-            self._pending.discard(future)
-
     def _count(self, prefix: LoadedPrefix, prompt_tokens: int) -> None:
         with self._stats_lock:
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += prompt_tokens
             self.stats["cached_tokens"] += prefix.tokens
             self.stats.update({f"miss_{reason}": n for reason, n in prefix.reasons.items()})
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued publish has been stored (or has failed and been counted)."""
-        with self._stats_lock:
-            pending = list(self._pending)
-        for future in pending:
-            future.result(timeout)
-
-    def close(self) -> None:
-        """Wait for the publishes under way, then stop the publishing thread."""
-        self.flush()
-        self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "CachedGenerator":
         return self

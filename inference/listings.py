@@ -233,7 +233,7 @@ def audit_listing(client, view: ListingView, model, k: int, seed: int | None = N
     """Recompute `k` random full blocks of a listing and compare them with the stored records
     (bit for bit with atol=0: same device and dtype as the publisher; within atol otherwise)."""
     m = view.manifest
-    full = len(m.token_ids) // m.block_size
+    full = m.full_blocks
     chosen = sorted(random.Random(seed).sample(range(full), min(k, full)))
     failed: list[str] = []
     if not chosen:

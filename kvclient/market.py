@@ -53,9 +53,6 @@ class ListingView:
                    list(info.grants), info.published_ns, info.withdrawn_ns, info.audit_blocks,
                    list(zip(info.earlier_periods[::2], info.earlier_periods[1::2])))
 
-    @property
-    def full_blocks(self) -> int:
-        return len(self.manifest.token_ids) // self.manifest.block_size
 
 
 @dataclass

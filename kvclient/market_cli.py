@@ -8,6 +8,8 @@ import re
 import time
 from datetime import datetime, timezone
 
+from kvproto.errors import FailedPrecondition
+
 from .market import Market
 
 COMMANDS = ("publish", "withdraw", "grant", "revoke", "listings", "usage", "bill", "audit")
@@ -123,8 +125,6 @@ def period(text: str | None) -> tuple[int, int]:
 
 
 def _publish(client, market: Market, args) -> int:
-    import math
-
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     from kvproto import market as mk
@@ -138,8 +138,7 @@ def _publish(client, market: Market, args) -> int:
     with open(args.key, "rb") as f:
         key = load_pem_private_key(f.read(), password=None)
     parsed = mk.parse_manifest(manifest)
-    full = len(parsed.token_ids) // parsed.block_size
-    blocks = max(1, math.ceil(args.audit_rate * full)) if args.audit_rate and full else 0
+    blocks = parsed.audit_blocks_at(args.audit_rate)
     checked = market.publish(manifest, key, audit_blocks=blocks)
     if not blocks:
         print(f"published: {checked} records checked by their nodes")
@@ -149,8 +148,6 @@ def _publish(client, market: Market, args) -> int:
         out["status"] = market.mark(parsed.listing, failed=True, evidence=out["failed"][0])
         print(json.dumps(out, indent=2))
         return 3
-    from kvproto.errors import FailedPrecondition
-
     try:
         out["status"] = market.mark(parsed.listing, failed=False, blocks=len(out["blocks"]))
     except FailedPrecondition as exc:  # the node's own audit rate: an admin's audit clears it

@@ -94,6 +94,16 @@ class Manifest:
     def index_of(self) -> dict[bytes, int]:
         return {key: i for i, (key, _, _) in enumerate(self.records)}
 
+    @property
+    def full_blocks(self) -> int:
+        """Blocks an audit can recompute (a partial tail block is not one)."""
+        return len(self.token_ids) // self.block_size
+
+    def audit_blocks_at(self, rate: float) -> int:
+        """Blocks an audit of `rate` (a share of the full blocks) recomputes: at least one."""
+        full = self.full_blocks
+        return min(full, max(1, math.ceil(rate * full))) if rate > 0 and full else 0
+
 
 def build_manifest(*, listing: str, publisher: str, fingerprint: str, namespace: bytes, block_size: int,
                    layers: int, token_ids: list[int], records: list[tuple[bytes, bytes, int]],

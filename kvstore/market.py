@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from collections import defaultdict
@@ -159,12 +158,16 @@ class Market(Metering):
             status = PENDING  # new or changed records: served to nobody until an audit of `required` passes
         else:
             status = "ok"
-        listing = Listing(manifest, request.signature, request.public_key, prefix, status,
-                          old.published_ns if old and not old.withdrawn_ns else self.clock(),
-                          index=manifest.index_of(), grants=old.grants if old else set(),
-                          audit_blocks=max(required, old.audit_blocks if old and status != "ok" else 0),
-                          earlier=(old.earlier + ([(old.published_ns, old.withdrawn_ns)] if old.withdrawn_ns else []))
-                          if old else [])
+        listing = Listing(manifest, request.signature, request.public_key, prefix, status, self.clock(),
+                          index=manifest.index_of(), audit_blocks=required)
+        if old is not None:  # grants, billing periods and an unmet audit carry over
+            listing.grants, listing.earlier = old.grants, list(old.earlier)
+            if old.withdrawn_ns:
+                listing.earlier.append((old.published_ns, old.withdrawn_ns))
+            else:
+                listing.published_ns = old.published_ns
+            if status != "ok":
+                listing.audit_blocks = max(required, old.audit_blocks)
         with self._lock, self.env.begin(db=self.db, write=True) as txn:
             txn.put(b"L" + manifest.tag, listing.stored())
             self.listings[manifest.tag] = listing
@@ -174,11 +177,9 @@ class Market(Metering):
 
     def audit_required(self, manifest: mk.Manifest, asked: int) -> int:
         """Blocks an audit must recompute: what the publisher asked, at least the node's rate."""
-        full = len(manifest.token_ids) // manifest.block_size
-        if asked > full:
-            raise InvalidArgument(f"audit_blocks {asked}: the listing has {full} full blocks")
-        by_rate = min(full, math.ceil(self.audit_rate * full)) if self.audit_rate > 0 else 0
-        return max(asked, by_rate)
+        if asked > manifest.full_blocks:
+            raise InvalidArgument(f"audit_blocks {asked}: the listing has {manifest.full_blocks} full blocks")
+        return max(asked, manifest.audit_blocks_at(self.audit_rate))
 
     def _check_records(self, manifest: mk.Manifest, records, prefix: bytes) -> int:
         """Attest at publish: every expected record is stored here and hashes to its digest."""

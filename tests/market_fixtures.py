@@ -9,7 +9,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from inference.generator import CachedGenerator
-from inference.listings import ListingReader, public_key_hex, publish_document
+from inference.listings import ListingReader, document_manifest, public_key_hex
 from kvclient import Client
 from kvclient.market import Market
 from tests.conftest_models import plain_tokens, prompt, tiny
@@ -59,9 +59,9 @@ class World:
             c.close()
 
 
-def publish(world: World, listing: str = "doc-1", visibility: str = "granted", price: float = 0.5,
-            tokens: list[int] | None = None, stored_tokens: list[int] | None = None) -> None:
-    """alpha stores the document's KV (of `stored_tokens` if given: a forgery) and lists it."""
+def store_document(world: World, listing: str = "doc-1", visibility: str = "granted", price: float = 0.5,
+                   tokens: list[int] | None = None, stored_tokens: list[int] | None = None) -> bytes:
+    """alpha stores the document's KV (of `stored_tokens` if given: a forgery); its manifest."""
     a = world.client("alpha")
     with CachedGenerator(world.model, a, tenant_salt=b"alpha", block_size=BLOCK) as gen:
         tokens = tokens or world.doc
@@ -77,8 +77,15 @@ def publish(world: World, listing: str = "doc-1", visibility: str = "granted", p
             for key, start, count in gen.plan(tokens).segments():
                 a.put_many(export_segment(cache, key, start, count))
         gen.flush()
-        publish_document(gen, a, tokens, listing, "alpha", world.key, price_per_1k_loaded=price,
-                         price_per_1m_token_hours=1.0, visibility=visibility)
+        return document_manifest(gen, a, tokens, listing, "alpha", price_per_1k_loaded=price,
+                                 price_per_1m_token_hours=1.0, visibility=visibility)
+
+
+def publish(world: World, listing: str = "doc-1", visibility: str = "granted", price: float = 0.5,
+            tokens: list[int] | None = None, stored_tokens: list[int] | None = None) -> None:
+    """alpha stores the document's KV (of `stored_tokens` if given: a forgery) and lists it."""
+    raw = store_document(world, listing, visibility, price, tokens, stored_tokens)
+    world.market("alpha").publish(raw, world.key)
 
 
 def make_world(make_node, tmp_path, nodes: int = 2, start=None) -> World:

@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from cryptography.hazmat.primitives import serialization
 
-from inference.generator import CachedGenerator
-from inference.listings import document_manifest
 from kvclient import cli as kvctl
 from kvproto.errors import FailedPrecondition
 from kvstore import cli as kvstore_cli
-from tests.market_fixtures import BLOCK, TOKENS, make_world
+from tests.market_fixtures import BLOCK, TOKENS, make_world, store_document
 
 FULL_BLOCKS = 2000 // BLOCK  # 7
 
@@ -30,33 +27,15 @@ def world(make_node, tmp_path):
 @pytest.fixture
 def strict_world(make_node, tmp_path):
     """Nodes whose provider audits 30% of every listing's blocks before serving it."""
-    path = tmp_path / "tokens.txt"
     w = make_world(make_node, tmp_path, start=lambda tokens: [
         f"127.0.0.1:{make_node(auth_tokens_file=tokens, market_admins=('auditor',), market_audit_rate=0.3).port}"
         for _ in range(2)])
-    assert path.exists()
     yield w
     w.close()
 
 
 def _store(world, stored_tokens=None) -> bytes:
-    """alpha stores the document's KV (of `stored_tokens`: a forgery) and returns its manifest."""
-    a = world.client("alpha")
-    with CachedGenerator(world.model, a, tenant_salt=b"alpha", block_size=BLOCK) as gen:
-        if stored_tokens is None:
-            gen.generate(torch.tensor([world.doc]), 1, do_sample=False)
-        else:
-            from transformers import DynamicCache
-
-            from inference.blocks import export_segment
-
-            cache = DynamicCache(config=world.model.config)
-            with torch.inference_mode():
-                world.model(torch.tensor([stored_tokens]), past_key_values=cache, use_cache=True)
-            for key, start, count in gen.plan(world.doc).segments():
-                a.put_many(export_segment(cache, key, start, count))
-        gen.flush()
-        return document_manifest(gen, a, world.doc, "doc-1", "alpha", price_per_1k_loaded=0.5)
+    return store_document(world, stored_tokens=stored_tokens)
 
 
 def _files(world, tmp_path, raw: bytes) -> tuple[str, str]:

@@ -42,7 +42,7 @@ from kvproto.tombstones import deleted_key, tombstone_key
 
 from .auth import NO_AUTH, KeySpaces
 from .etcd_member import EtcdMember
-from .hints import local_records
+from .hints import local_records, stored_keys
 from .peers import Peers
 from .storage import IncomingRecord, Storage
 
@@ -169,15 +169,10 @@ class Rebalancer:
                     self.status["failed"] += len(keys) - at
                     ok = False
                     break
-                by_tenant: dict[bytes, list[IncomingRecord]] = defaultdict(list)
-                for k, v in zip(batch, values):
-                    if v is not None:
-                        tenant, key = self.spaces.split(k)
-                        by_tenant[tenant].append(IncomingRecord.of(key, v))
-                for tenant, items in by_tenant.items():  # in each tenant's ledger, as its client wrote
-                    self.storage.put_batch(items, tenant)
-                got = [i for items in by_tenant.values() for i in items]
-                self._moved(len(got), sum(len(i.payload) for i in got))
+                got = [(k, v) for k, v in zip(batch, values) if v is not None]
+                for tenant, items in self.spaces.by_tenant(got).items():  # in its ledger, as its client wrote
+                    self.storage.put_batch([IncomingRecord.of(k, v) for k, v in items], tenant)
+                self._moved(len(got), sum(len(v) for _, v in got))
         return ok
 
     def _push(self, ring: HashRing, replication: int, ready: set[str], generation: int) -> bool:
@@ -239,14 +234,7 @@ class Rebalancer:
 
     def _local_keys(self) -> list[tuple[bytes, bytes]]:
         """(stored key, placement key) of every record here the rebalancer may move."""
-        keys: list[tuple[bytes, bytes]] = []
-        start = b""
-        while True:
-            page = self.storage.scan(b"", start, 10_000)
-            keys += [(k, where) for k in page if (where := self._placement(k)) is not None]
-            if len(page) < 10_000:
-                return keys
-            start = page[-1]
+        return [(k, where) for k in stored_keys(self.storage) if (where := self._placement(k)) is not None]
 
     # ---- rate and progress ----------------------------------------------------------------
     def _moved(self, records: int, size: int) -> None:

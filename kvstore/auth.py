@@ -14,17 +14,22 @@ the client's key (what its ring placement and record digest are computed from).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import logging
 import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
 from kvproto.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREFIX_BYTES = 16
 MIN_TOKEN_CHARS = 16
@@ -39,17 +44,34 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def _token_lines(text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every line with fields, ``#`` comments cut."""
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            yield number, fields
+
+
+def _printable(token: str) -> bool:
+    return token.isascii() and token.isprintable()
+
+
+def _read_text(path: str, source: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source}: not UTF-8 text") from exc
+
+
 def parse_tokens(text: str, source: str = "tokens file") -> dict[str, str]:
     """token -> tenant from the file's text; ValueError (one line, with the line number) if bad."""
     tokens: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
+    for number, fields in _token_lines(text):
         if len(fields) != 2:
             raise ValueError(f"{source} line {number}: expected 'TOKEN TENANT', got {len(fields)} fields")
         token, tenant = fields
-        if not token.isascii() or not token.isprintable():
+        if not _printable(token):
             raise ValueError(f"{source} line {number}: token must be printable ASCII")
         if tokens.get(token, tenant) != tenant:
             raise ValueError(f"{source} line {number}: token already given to tenant {tokens[token]!r}")
@@ -61,49 +83,55 @@ def parse_tokens(text: str, source: str = "tokens file") -> dict[str, str]:
     return tokens
 
 
+def read_tokens(path: str) -> dict[str, str]:
+    """token -> tenant of the tokens file at `path` (``parse_tokens``)."""
+    source = f"auth tokens file {path}"
+    return parse_tokens(_read_text(path, source), source)
+
+
 class Authenticator:
     """Maps a call's bearer token to its tenant; refuses calls without a known token."""
 
-    def __init__(self, tokens: dict[str, str], peer_token: str | None = None) -> None:
+    def __init__(self, tokens: dict[str, str]) -> None:
         # Compare digests (equal length) of every known token, never stopping early, so the time
         # taken does not tell how much of a guessed token was right.
         self._entries = [(_digest(token), tenant) for token, tenant in tokens.items()]
-        self._peer = _digest(peer_token) if peer_token else None
+        self._peer: bytes | None = None
         self.tenants = sorted(set(tokens.values()))
 
     @classmethod
     def from_file(cls, path: str) -> "Authenticator":
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"auth tokens file {path}: not UTF-8 text") from exc
-        auth = cls(parse_tokens(text, f"auth tokens file {path}"))
+        auth = cls(read_tokens(path))
         log.info("auth on: %d tenants from %s", len(auth.tenants), path)
         return auth
 
     def with_peer_token(self, token: str) -> Authenticator:
         """The same tenants, and the cluster's peer token for node-to-node calls (the servicer's
         copy: the data plane and the market keep one that knows tenants only)."""
-        other = Authenticator({})
-        other._entries, other.tenants, other._peer = self._entries, self.tenants, _digest(token)
+        other = copy.copy(self)
+        other._peer = _digest(token)
         return other
 
     def tenant_of(self, token: str) -> str | None:
-        digest = _digest(token)
+        return self._tenant_of_digest(_digest(token))
+
+    def _tenant_of_digest(self, digest: bytes) -> str | None:
         found = None
         for known, tenant in self._entries:
             if hmac.compare_digest(digest, known):
                 found = tenant
         return found
 
-    def _is_peer(self, token: str) -> bool:
-        return self._peer is not None and hmac.compare_digest(_digest(token), self._peer)
+    def _identify(self, context: grpc.ServicerContext) -> tuple[str | None, bool]:
+        """(tenant, is it the peer token) of the call's token: one digest, compared with every
+        tenant's and the peer's each time, so the time tells neither."""
+        digest = _digest(bearer_token(context))
+        tenant = self._tenant_of_digest(digest)
+        peer = self._peer is not None and hmac.compare_digest(digest, self._peer)
+        return tenant, peer
 
     def tenant(self, context: grpc.ServicerContext) -> str:
-        token = bearer_token(context)
-        peer = self._is_peer(token)
-        tenant = self.tenant_of(token)
+        tenant, peer = self._identify(context)
         if tenant is None:
             raise Unauthenticated(PEER_ONLY if peer else "unknown token")
         return tenant
@@ -114,9 +142,7 @@ class Authenticator:
     def key_space(self, context: grpc.ServicerContext) -> bytes | None:
         """The caller's tenant prefix, or None for the cluster's peer token (the raw key space:
         only the RPCs the agents make may take it, the servicer decides which)."""
-        token = bearer_token(context)
-        peer = self._is_peer(token)  # both compared every time: the time tells neither
-        tenant = self.tenant_of(token)
+        tenant, peer = self._identify(context)
         if tenant is not None:
             return tenant_prefix(tenant)
         if peer:
@@ -144,18 +170,15 @@ def read_peer_token(path: str, tenant_tokens: dict[str, str]) -> str:
     (one line naming --peer-token-file) if it is missing, short, or a tenant's token."""
     flag = f"--peer-token-file {path}"
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(path, flag)
         mode = os.stat(path).st_mode
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{flag}: not UTF-8 text") from exc
     except OSError as exc:
         raise ValueError(f"{flag}: {exc.strerror or exc}") from exc
-    fields = [w for line in text.splitlines() for w in line.split("#", 1)[0].split()]
+    fields = [word for _, words in _token_lines(text) for word in words]
     if len(fields) != 1:
         raise ValueError(f"{flag}: expected one token, found {len(fields)}")
     token = fields[0]
-    if not token.isascii() or not token.isprintable():
+    if not _printable(token):
         raise ValueError(f"{flag}: the token must be printable ASCII")
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"{flag}: the token has {len(token)} characters, it needs at least {MIN_TOKEN_CHARS}")
@@ -196,9 +219,14 @@ class KeySpaces:
         head = stored[:PREFIX_BYTES]
         return (head, stored[PREFIX_BYTES:]) if head in self.prefixes and len(stored) > PREFIX_BYTES else None
 
-    def record_key(self, stored: bytes) -> bytes:
-        """The key a stored record's digest binds: the client's key (any tenant's, on auth nodes)."""
-        return stored if self.prefixes is None else stored[PREFIX_BYTES:]
+    def by_tenant(self, items: Iterable[tuple[bytes, T]]) -> dict[bytes, list[tuple[bytes, T]]]:
+        """(client key, value) pairs of (stored key, value) pairs, by tenant prefix (storage
+        writes and deletes each tenant's apart, in its ledger); unknown tenants' left out."""
+        out: dict[bytes, list[tuple[bytes, T]]] = defaultdict(list)
+        for stored, value in items:
+            if (split := self.split(stored)) is not None:
+                out[split[0]].append((split[1], value))
+        return out
 
 
 NO_AUTH = KeySpaces()  # a node without auth: one key space, stored keys are the clients'

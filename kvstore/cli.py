@@ -189,11 +189,9 @@ def _peer_token(args: argparse.Namespace) -> str | None:
         return None
     if not args.auth_tokens:
         raise ValueError("--peer-token-file needs --auth-tokens: without auth nodes take each other's calls as they are")
-    from .auth import parse_tokens, read_peer_token
+    from .auth import read_peer_token, read_tokens
 
-    with open(args.auth_tokens, encoding="utf-8", errors="replace") as f:
-        tenants = parse_tokens(f.read(), f"auth tokens file {args.auth_tokens}")
-    return read_peer_token(args.peer_token_file, tenants)
+    return read_peer_token(args.peer_token_file, read_tokens(args.auth_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ class ClusterSide:
             log.warning("auth without --peer-token-file: durable hints are not delivered (read repair and "
                         "`kvctl repair` heal tenants' records)")
             spaces = KeySpaces(frozenset())  # no credential for peers: no key space to act on
-        self.peers = Peers(tls_ca, peer_token if auth is not None else None, spaces.record_key)
+        self.peers = Peers(tls_ca, peer_token if auth is not None else None)
         self.hints = HintAgent(node.storage, self.peers, spaces=spaces)
         self.member: EtcdMember | None = None
         self.rebalancer: Rebalancer | None = None

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 from kvproto.errors import Corrupt, KVCacheError
 from kvproto.hints import PREFIX, parse_hint
@@ -32,6 +33,17 @@ log = logging.getLogger(__name__)
 
 BATCH = 64
 MAX_BACKOFF = 10.0
+
+
+def stored_keys(storage: Storage, prefix: bytes = b"", page: int = 10_000) -> Iterator[bytes]:
+    """Every stored key under `prefix`, in order, read a page at a time."""
+    start = b""
+    while True:
+        keys = storage.scan(prefix, start, page)
+        yield from keys
+        if len(keys) < page:
+            return
+        start = keys[-1]
 
 
 def local_records(storage: Storage, keys: list[bytes], spaces: KeySpaces = NO_AUTH,
@@ -82,16 +94,9 @@ class HintAgent:
         """One pass over the hint range; returns how many records were delivered."""
         owed: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)  # target -> (hint, record), stored
         for root in self.spaces.roots:
-            start = b""
-            while True:
-                page = self.storage.scan(root + PREFIX, start, 10_000)
-                for stored in page:
-                    parsed = parse_hint(stored[len(root):])
-                    if parsed is not None:
-                        owed[parsed[0]].append((stored, root + parsed[1]))
-                if len(page) < 10_000:
-                    break
-                start = page[-1]
+            for stored in stored_keys(self.storage, root + PREFIX):
+                if (parsed := parse_hint(stored[len(root):])) is not None:
+                    owed[parsed[0]].append((stored, root + parsed[1]))
         self.pending = sum(len(v) for v in owed.values())
         sent = 0
         now = time.monotonic()
@@ -120,12 +125,8 @@ class HintAgent:
             return False
         self._backoff.pop(target, None)
         self._retry_at.pop(target, None)
-        by_tenant: dict[bytes, list[bytes]] = defaultdict(list)
-        for hint, _ in batch:
-            tenant, key = self.spaces.split(hint)  # scanned under a known root: never None
-            by_tenant[tenant].append(key)
-        for tenant, keys in by_tenant.items():
-            self.storage.delete(keys, tenant)  # in the tenant's ledger, where the client put it
+        for tenant, hints in self.spaces.by_tenant(batch).items():  # where the client put them
+            self.storage.delete([hint for hint, _ in hints], tenant)
         log.info("delivered %d hinted records to %s", len(items), target)
         return True
 

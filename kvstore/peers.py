@@ -5,15 +5,15 @@ to its peers are here, over the kvproto stubs: no hedging, no data plane, no co-
 one deadline per call, and every failure a ``KVCacheError`` naming the peer.
 
 On auth clusters every call carries the cluster's peer token (``kvstore.auth``) and names stored
-keys (tenant prefix ‖ the client's key); a record's digest binds the client's key, so what is
-sent and checked is ``record_key(stored)``, and a Put stream carries one tenant's records.
+keys (the 16-byte tenant prefix ‖ the client's key); a record's digest binds the client's key,
+so that is what is digested and checked, and a Put stream carries one tenant's records.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -23,16 +23,13 @@ from kvproto.framing import with_bytes_field
 from kvproto.limits import CHUNK_BYTES, PUT_DATA_FIELD, grpc_channel_options
 from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
-
-def _same_key(stored: bytes) -> bytes:
-    return stored
+from .auth import PREFIX_BYTES
 
 
-def _put_messages(items: Sequence[tuple[bytes, bytes | memoryview]], record_key: Callable[[bytes], bytes],
-                  ) -> Iterator[bytes]:
+def _put_messages(items: Sequence[tuple[bytes, bytes | memoryview]], prefix_bytes: int) -> Iterator[bytes]:
     for key, value in items:
         view = memoryview(value).cast("B")
-        digest = record.digest(record_key(key), view)
+        digest = record.digest(key[prefix_bytes:], view)
         head = pb.PutRequest(key=key, size=len(view), checksum=digest).SerializeToString()
         yield with_bytes_field(head, PUT_DATA_FIELD, view[:CHUNK_BYTES])
         for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
@@ -42,10 +39,9 @@ def _put_messages(items: Sequence[tuple[bytes, bytes | memoryview]], record_key:
 class Peer:
     """One peer node's channel (plaintext, or TLS verified against `tls_ca`)."""
 
-    def __init__(self, address: str, tls_ca: bytes | None = None, token: str | None = None,
-                 record_key: Callable[[bytes], bytes] = _same_key) -> None:
+    def __init__(self, address: str, tls_ca: bytes | None = None, token: str | None = None) -> None:
         self.address = address
-        self.record_key = record_key
+        self.prefix_bytes = PREFIX_BYTES if token else 0  # the peer token names stored keys
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = grpc_channel_options()
         self.channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options)
@@ -65,9 +61,9 @@ class Peer:
 
     def put(self, items: Sequence[tuple[bytes, bytes | memoryview]], timeout: float) -> int:
         """Store records, one stream (one transaction there) per tenant; how many were new."""
-        space = lambda item: item[0][: len(item[0]) - len(self.record_key(item[0]))]
-        return sum(self._rpc(self._put, _put_messages(list(group), self.record_key), timeout).stored
-                   for _, group in itertools.groupby(sorted(items, key=space), key=space))
+        tenant = lambda item: item[0][: self.prefix_bytes]  # noqa: E731
+        return sum(self._rpc(self._put, _put_messages(list(group), self.prefix_bytes), timeout).stored
+                   for _, group in itertools.groupby(sorted(items, key=tenant), key=tenant))
 
     def lookup(self, keys: Sequence[bytes], timeout: float) -> list[bool]:
         return list(self._rpc(self._lookup, pb.LookupRequest(keys=list(keys)), timeout).present)
@@ -102,7 +98,7 @@ class Peer:
                 parts.append(msg.data)
                 if msg.last:
                     value = b"".join(parts)
-                    digest = record.digest(self.record_key(keys[head.index]), value)
+                    digest = record.digest(keys[head.index][self.prefix_bytes :], value)
                     if len(value) == head.size and digest == head.checksum:
                         out[head.index] = value
                     head = None
@@ -117,11 +113,9 @@ class Peer:
 class Peers:
     """Channels to the cluster's other nodes, made on first use."""
 
-    def __init__(self, tls_ca: bytes | None = None, token: str | None = None,
-                 record_key: Callable[[bytes], bytes] = _same_key) -> None:
+    def __init__(self, tls_ca: bytes | None = None, token: str | None = None) -> None:
         self._tls_ca = tls_ca
         self._token = token
-        self._record_key = record_key
         self._peers: dict[str, Peer] = {}
         self._lock = threading.Lock()
 
@@ -129,7 +123,7 @@ class Peers:
         with self._lock:
             peer = self._peers.get(address)
             if peer is None:
-                peer = self._peers[address] = Peer(address, self._tls_ca, self._token, self._record_key)
+                peer = self._peers[address] = Peer(address, self._tls_ca, self._token)
             return peer
 
     def close(self) -> None:

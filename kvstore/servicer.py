@@ -2,11 +2,9 @@
 
 Requests arrive as raw bytes and are parsed here, so malformed input maps to INVALID_ARGUMENT
 (grpcio's own deserializer would answer INTERNAL). Every domain error maps to a status code in
-``_abort`` (the one place), and no handler exception escapes as UNKNOWN.
-
-On an auth node the cluster's peer token (``kvstore.auth``) takes Put, Get, Lookup and Scan to
-the raw key space (tenant prefix ‖ key): the nodes' agents copy records with it. Those calls are
-capped per address, not per tenant, and never metered (a copy is no tenant's write or load).
+``_abort`` (the one place), and no handler exception escapes as UNKNOWN. Whom a call acts for
+(a tenant, or a peer node with the cluster's peer token) is ``kvstore.callers``; a Put stream's
+records are received by ``kvstore.put_stream``.
 """
 
 from __future__ import annotations
@@ -23,14 +21,14 @@ from google.protobuf.message import DecodeError
 from kvproto import record
 from kvproto.host import host_id
 from kvproto.errors import Corrupt, FailedPrecondition, InvalidArgument, KVCacheError, QuotaExceeded
+from kvproto.limits import CHUNK_BYTES, MAX_KEYS_PER_CALL
 from kvproto.pb import kvcache_pb2 as pb
 
 from . import wire
-from kvproto.limits import CHUNK_BYTES, MAX_KEY_BYTES, MAX_KEYS_PER_CALL
-
-from .auth import PREFIX_BYTES
+from .callers import ANYONE, PEER, Caller, check_keys
 from .config import ServerConfig
 from .metrics import NodeMetrics
+from .put_stream import receive
 from .spool import Spool
 from .storage import Storage
 from .streams import StreamGuard
@@ -45,35 +43,6 @@ def parse(cls, raw: bytes):
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise InvalidArgument(f"malformed {cls.__name__}: {exc}") from exc
     return msg
-
-
-RAW_KEY_BYTES = PREFIX_BYTES + MAX_KEY_BYTES  # a stored key, as peers name it on auth nodes
-
-
-def check_key(key: bytes, limit: int = MAX_KEY_BYTES) -> None:
-    if not key:
-        raise InvalidArgument("empty key")
-    if len(key) > limit:
-        raise InvalidArgument(f"key of {len(key)} bytes exceeds {limit}")
-
-
-def check_keys(keys, limit: int = MAX_KEY_BYTES) -> None:
-    if len(keys) > MAX_KEYS_PER_CALL:
-        raise InvalidArgument(f"{len(keys)} keys in one call exceeds {MAX_KEYS_PER_CALL}")
-    for key in keys:
-        check_key(key, limit)
-
-
-def split_peer_key(msg: pb.PutRequest, space: bytes | None) -> bytes:
-    """A peer's Put names the stored key; the record inside is the client's key (what its digest
-    binds) under the tenant prefix, one tenant per stream (one transaction, one ledger owner)."""
-    if len(msg.key) <= PREFIX_BYTES:
-        raise InvalidArgument(f"a peer put's key is a {PREFIX_BYTES}-byte tenant prefix and a key")
-    head = msg.key[:PREFIX_BYTES]
-    if space is not None and head != space:
-        raise InvalidArgument("a peer put stream carries one tenant's records")
-    msg.key = msg.key[PREFIX_BYTES:]
-    return head
 
 
 def _status(exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -107,93 +76,56 @@ class KVCacheServicer:
     def _prefix(self, context: grpc.ServicerContext) -> bytes:
         return self.auth.key_prefix(context) if self.auth else b""
 
-    def _space(self, context: grpc.ServicerContext) -> bytes | None:
-        """Like ``_prefix``, or None for a peer node on the raw key space (auth nodes only)."""
-        return self.auth.key_space(context) if self.auth else b""
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        """A tenant (or anyone, without auth), or a peer node: for the calls peers may make."""
+        if self.auth is None:
+            return ANYONE
+        prefix = self.auth.key_space(context)
+        return PEER if prefix is None else Caller(prefix, capped_as=prefix)
 
-    def _tenant(self, prefix: bytes) -> bytes | None:
-        """Who a stream is capped as: its tenant on an auth node, else only its address."""
-        return prefix if self.auth is not None else None
+    def _market(self, caller: Caller):
+        return None if caller.peer else self.market  # a peer's copy is no tenant's write or load
 
     # ---- Put ---------------------------------------------------------------------------
     def put(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PutResponse:
         """Records arrive in chunks, wait in a spool (memory, then a file: never whole in
         memory) and commit in one transaction when the stream ends: all or nothing."""
-        prefix = self._space(context)
-        peer = prefix is None
-        with self.streams.admit(context, "Put", None if peer else self._tenant(prefix)) as watch:
+        caller = self._caller(context)
+        market = self._market(caller)
+        with self.streams.admit(context, "Put", caller.capped_as) as watch:
             spool = Spool(self.storage.path)
             try:
-                total, space = self._receive(request_iterator, watch, spool, peer)
-                prefix = (space or b"") if peer else prefix
+                messages = (parse(pb.PutRequest, raw) for raw in request_iterator)
+                total, space = receive(messages, watch, spool, self.config, self.market, caller.peer)
+                prefix = (space or b"") if caller.peer else caller.prefix
                 records = spool.records()
-                writes = self.market.before_put(records, prefix) if self.market and not peer else []
+                writes = market.before_put(records, prefix) if market else []
                 stored, existed = self.storage.put_batch(records, prefix)
                 if writes:
-                    self.market.record(writes)
+                    market.record(writes)
             finally:
                 spool.close()
         self.metrics.bytes_in.inc(total)
         return pb.PutResponse(stored=stored, existed=existed)
 
-    def _receive(self, request_iterator: Iterator[bytes], watch, spool: Spool, peer: bool = False,
-                 ) -> tuple[int, bytes | None]:
-        """Bytes received, and (for a peer) the tenant prefix of the stream's records."""
-        current: pb.PutRequest | None = None
-        got = total = 0
-        space = None
-        for raw in request_iterator:
-            watch.beat()
-            msg = parse(pb.PutRequest, raw)
-            if current is None:
-                if peer:
-                    space = split_peer_key(msg, space)
-                current, got = self._start_record(msg, total), 0
-                spool.begin(current.key, current.size, current.checksum)
-            elif msg.key or msg.size or msg.checksum:
-                raise InvalidArgument("record header arrived before the previous record was complete")
-            if msg.data:
-                got += len(msg.data)
-                total += len(msg.data)
-                if got > current.size:
-                    raise InvalidArgument(f"record {current.key.hex()[:16]} has more data than its size")
-                spool.data(msg.data)
-            if got == current.size:
-                if not spool.end():
-                    raise Corrupt(f"record {current.key.hex()[:16]} failed its checksum in transit")
-                current = None
-        if current is not None:
-            raise InvalidArgument("stream ended inside a record")
-        return total, space
-
-    def _start_record(self, msg: pb.PutRequest, total: int) -> pb.PutRequest:
-        check_key(msg.key)
-        if self.market is not None:
-            self.market.check_writable(msg.key)
-        if len(msg.checksum) != record.DIGEST_SIZE:
-            raise InvalidArgument("checksum must be 16 bytes (XXH3-128 of key and payload)")
-        if msg.size > self.config.max_record_bytes:
-            raise QuotaExceeded(f"record of {msg.size} bytes exceeds limit {self.config.max_record_bytes}")
-        if total + msg.size > self.config.max_stream_bytes:
-            raise QuotaExceeded(f"put stream exceeds {self.config.max_stream_bytes} bytes")
-        return pb.PutRequest(key=msg.key, size=msg.size, checksum=msg.checksum)
-
     # ---- Get ---------------------------------------------------------------------------
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Serialized GetResponse messages (see kvstore/wire.py): one copy of each payload."""
-        prefix = self._space(context)
-        peer = prefix is None
+        caller = self._caller(context)
         request = parse(pb.GetRequest, raw)
-        check_keys(request.keys, RAW_KEY_BYTES if peer else MAX_KEY_BYTES)
+        check_keys(request.keys, caller.key_limit)
         if self.storage.damaged:  # nothing is read from a file that needs a rebuild
             self.metrics.misses.labels("corrupt").inc(len(request.keys))
             yield from (wire.state_frame(i, pb.RECORD_STATE_CORRUPT) for i in range(len(request.keys)))
             return
-        with self.streams.admit(context, "Get", None if peer else self._tenant(prefix)) as watch:
-            # a peer reads stored keys as they are (the digest sent binds the client's key)
-            resolved = [(k, b"", None) for k in request.keys] if peer else self._resolve(request.keys, prefix)
+        market = self._market(caller)
+        with self.streams.admit(context, "Get", caller.capped_as) as watch:
+            # (key, key space, listing) per key, None where a listing key is not readable; a peer
+            # reads stored keys as they are (the digest sent binds the client's key)
+            resolved = market.resolve(request.keys, caller.prefix) if market else [
+                (key, caller.prefix, None) for key in request.keys]
             self.check_reply_size(resolved)
-            meter = self.market.meter(prefix) if self.market and not peer else None
+            meter = market.meter(caller.prefix) if market else None
             for index, found in enumerate(resolved):
                 frames = self._record_frames(index, *found, meter) if found else self._missing(index)
                 for frame in frames:
@@ -202,12 +134,6 @@ class KVCacheServicer:
             watch.beat()
             if meter is not None:
                 self.market.commit(meter)  # once the reply is sent: a node killed mid-way counted none
-
-    def _resolve(self, keys, prefix: bytes) -> list:
-        """(key, key space, listing context) per key; None where a listing key is not readable."""
-        if self.market is None:
-            return [(key, prefix, None) for key in keys]
-        return self.market.resolve(keys, prefix)
 
     def _missing(self, index: int) -> list[bytes]:
         self.metrics.misses.labels("missing").inc()
@@ -248,14 +174,11 @@ class KVCacheServicer:
 
     # ---- small calls -------------------------------------------------------------------
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> pb.LookupResponse:
-        prefix = self._space(context)
+        caller = self._caller(context)
         request = parse(pb.LookupRequest, raw)
-        check_keys(request.keys, RAW_KEY_BYTES if prefix is None else MAX_KEY_BYTES)
-        keys = list(request.keys)
-        if prefix is None:
-            present = self.storage.exists(keys)
-        else:
-            present = self.market.exists(keys, prefix) if self.market else self.storage.exists(keys, prefix)
+        check_keys(request.keys, caller.key_limit)
+        keys, market = list(request.keys), self._market(caller)
+        present = market.exists(keys, caller.prefix) if market else self.storage.exists(keys, caller.prefix)
         run = record.prefix_length(present)
         return pb.LookupResponse(present=present, prefix_length=run)
 
@@ -287,12 +210,11 @@ class KVCacheServicer:
         )
 
     def scan(self, raw: bytes, context: grpc.ServicerContext) -> pb.ScanResponse:
-        prefix = self._space(context)
-        limit = RAW_KEY_BYTES if prefix is None else MAX_KEY_BYTES
-        prefix = prefix or b""  # a peer scans the stored keys themselves
+        caller = self._caller(context)
+        prefix = caller.prefix  # b"" for a peer: it scans the stored keys themselves
         request = parse(pb.ScanRequest, raw)
-        if len(request.start_after) > limit:
-            raise InvalidArgument(f"start_after of {len(request.start_after)} bytes exceeds {limit}")
+        if len(request.start_after) > caller.key_limit:
+            raise InvalidArgument(f"start_after of {len(request.start_after)} bytes exceeds {caller.key_limit}")
         limit = min(request.limit or 10_000, MAX_KEYS_PER_CALL)
         keys = self.storage.scan(prefix, prefix + request.start_after if request.start_after else b"", limit + 1)
         return pb.ScanResponse(keys=[k[len(prefix):] for k in keys[:limit]], more=len(keys) > limit)

@@ -204,7 +204,7 @@ def test_peer_token_reaches_the_raw_space_and_tenants_do_not(make_node, auth_fil
     alpha, beta = tenant_prefix("alpha"), tenant_prefix("beta")
     with Client(address, replication=1, token=TOKEN_A, timeout=3) as a:
         a.put(key, b"alpha's block")
-    raw = Peer(address, token=PEER, record_key=lambda stored: stored[16:])
+    raw = Peer(address, token=PEER)  # names stored keys: tenant prefix ‖ key
     wrong = Peer(address, token="peer-token-but-not-this-cluster")
     try:
         assert raw.scan_all(3) == [alpha + key]  # the stored keys, every tenant's

@@ -12,8 +12,8 @@ import grpc
 
 from kvproto import record
 from kvproto.errors import Corrupt, KVCacheError, from_rpc_error
-from kvproto.framing import with_bytes_field
-from kvproto.limits import CHUNK_BYTES, PUT_DATA_FIELD, grpc_channel_options
+from kvproto.framing import put_messages
+from kvproto.limits import grpc_channel_options
 from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
 from .dataplane import CannotConnect, DataPool, client_ssl_context
@@ -61,15 +61,6 @@ class Credentials:
     tls_ca: bytes | None = None
 
 
-def _chunks(key: bytes, value: bytes | memoryview, digest: bytes) -> Iterator[bytes]:
-    """Serialized PutRequest messages of one record, each payload chunk copied once."""
-    view = memoryview(value).cast("B")
-    head = pb.PutRequest(key=key, size=len(view), checksum=digest).SerializeToString()
-    yield with_bytes_field(head, PUT_DATA_FIELD, view[:CHUNK_BYTES])
-    for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
-        yield with_bytes_field(b"", PUT_DATA_FIELD, view[start : start + CHUNK_BYTES])
-
-
 class NodeConnection:
     """Calls to one node. Every call carries a deadline; failures raise KVCacheError subclasses."""
 
@@ -106,7 +97,7 @@ class NodeConnection:
         (kvproto.record.digest of each item) lets a caller writing R replicas hash once."""
         if digests is None:
             digests = [record.digest(key, value) for key, value in items]
-        requests = (msg for (key, value), digest in zip(items, digests) for msg in _chunks(key, value, digest))
+        requests = (msg for (key, value), digest in zip(items, digests) for msg in put_messages(key, value, digest))
         return self._call(self._put, requests, timeout)
 
     def _data_pool(self, timeout: float) -> DataPool | None:

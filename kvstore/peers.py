@@ -19,8 +19,8 @@ import grpc
 
 from kvproto import record
 from kvproto.errors import Corrupt, from_rpc_error
-from kvproto.framing import with_bytes_field
-from kvproto.limits import CHUNK_BYTES, PUT_DATA_FIELD, grpc_channel_options
+from kvproto.framing import put_messages
+from kvproto.limits import grpc_channel_options
 from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
 from .auth import PREFIX_BYTES
@@ -28,12 +28,7 @@ from .auth import PREFIX_BYTES
 
 def _put_messages(items: Sequence[tuple[bytes, bytes | memoryview]], prefix_bytes: int) -> Iterator[bytes]:
     for key, value in items:
-        view = memoryview(value).cast("B")
-        digest = record.digest(key[prefix_bytes:], view)
-        head = pb.PutRequest(key=key, size=len(view), checksum=digest).SerializeToString()
-        yield with_bytes_field(head, PUT_DATA_FIELD, view[:CHUNK_BYTES])
-        for start in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
-            yield with_bytes_field(b"", PUT_DATA_FIELD, view[start : start + CHUNK_BYTES])
+        yield from put_messages(key, value, record.digest(key[prefix_bytes:], value))
 
 
 class Peer:

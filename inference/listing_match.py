@@ -4,10 +4,14 @@ No torch, no I/O: the transformers reader (``inference.listings.ListingReader``)
 connector's scheduler (``inference.vllm.listings``) both use it.
 
 - ``trusted_listings``: the listings a reader may use: signed by the key its trust file names for
-  the publisher, status ``ok``, not withdrawn.
+  the publisher, status ``ok``, not withdrawn; each as a ``ListingIndex`` (what matching and
+  provenance need of its manifest, computed once per refresh, never per prompt).
 - ``best_listing``: the prompt's block keys in each listing's namespace (the manifest carries the
   publisher's ``h0``) matched against the blocks the listing names; the longest leading run wins.
-  Nothing is looked up here: the caller checks the winner's records with one batched ``exists``.
+  Nothing is looked up here: the caller checks the winner's records with one batched ``exists``
+  (its answer split by ``leading_runs``), through a ``ListingSource``'s listing keys.
+- ``as_listed``: the provenance check of one record read from a listing (SHA-256 of record key ‖
+  payload against the manifest).
 - ``prompt_entry`` / ``rejected_entries``: what a reader reports after a request (``Report``).
 """
 
@@ -19,9 +23,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from kvclient.market import ListingView
+from kvclient.market import ListingView, new_load_id
 from kvproto import market as mk
-from kvproto.keys import block_keys
+from kvproto.keys import block_keys, record_key
 from kvproto.pb import kvcache_pb2 as pb
 from kvproto.record import prefix_length
 
@@ -29,9 +33,51 @@ log = logging.getLogger(__name__)
 LAYER0 = b"\x00\x00"
 
 
+@dataclass(frozen=True, eq=False)
+class ListingIndex:
+    """A listing and its manifest's lookups: the blocks it lists a layer-0 record of, and each
+    record's manifest index."""
+
+    view: ListingView
+    blocks: frozenset[bytes]
+    index: dict[bytes, int]  # record key -> manifest index
+
+    @classmethod
+    def of(cls, view: ListingView) -> ListingIndex:
+        index = view.manifest.index_of()
+        return cls(view, frozenset(key[:32] for key in index if key[-2:] == LAYER0), index)
+
+    def listed(self, record: bytes) -> tuple[int, bytes]:
+        """(manifest index, SHA-256) of a record key; (-1, b"") for one the manifest lacks."""
+        i = self.index.get(record, -1)
+        return (i, self.view.manifest.records[i][1]) if i >= 0 else (-1, b"")
+
+
+@dataclass(frozen=True)
+class ListingSource:
+    """Where one request reads a listing: listing keys of its tag and one load id (the request's
+    retries and hedges reuse it, so the node meters each record once). Plain data: the vLLM
+    scheduler pickles it to the worker."""
+
+    listing: str  # the listing id (for reports)
+    tag: bytes  # kvproto.market.listing_tag(listing)
+    load_id: bytes
+
+    @classmethod
+    def of(cls, manifest: mk.Manifest) -> ListingSource:
+        return cls(manifest.listing, manifest.tag, new_load_id())
+
+    def key(self, record: bytes) -> bytes:
+        return mk.listing_key(record, self.tag, self.load_id)
+
+    def probe(self, blocks: Iterable[bytes]) -> list[bytes]:
+        """The layer-0 listing keys of these blocks (for the one batched exists)."""
+        return [self.key(record_key(key, 0)) for key in blocks]
+
+
 @dataclass(frozen=True)
 class ListingMatch:
-    view: ListingView
+    listing: ListingIndex
     block_keys: list[bytes]  # the prompt's leading block keys that the listing names
 
     @property
@@ -40,7 +86,7 @@ class ListingMatch:
 
 
 def trusted_listings(views: Iterable[ListingView], trust: dict[str, bytes],
-                     stats: Counter | None = None) -> list[ListingView]:
+                     stats: Counter | None = None) -> list[ListingIndex]:
     """The views whose signature verifies against their publisher's trusted key, status ok."""
     usable = []
     for view in views:
@@ -55,30 +101,35 @@ def trusted_listings(views: Iterable[ListingView], trust: dict[str, bytes],
             log.warning("listing %s not used: %s", view.manifest.listing, exc)
             continue
         if view.status == "ok" and not view.withdrawn_ns:
-            usable.append(view)
+            usable.append(ListingIndex.of(view))
     return usable
 
 
-def listed_blocks(manifest: mk.Manifest) -> set[bytes]:
-    """Block keys the manifest lists a layer-0 record of."""
-    return {key[:32] for key, _, _ in manifest.records if key[-2:] == LAYER0}
-
-
-def best_listing(views: Iterable[ListingView], tokens: Sequence[int], fingerprint: str,
+def best_listing(listings: Iterable[ListingIndex], tokens: Sequence[int], fingerprint: str,
                  block_size: int) -> ListingMatch | None:
     """The listing (same model, same block size) naming the most leading blocks of `tokens`."""
     best: ListingMatch | None = None
-    for view in views:
-        m = view.manifest
+    for listing in listings:
+        m = listing.view.manifest
         if m.fingerprint != fingerprint or m.block_size != block_size:
             continue
-        listed = listed_blocks(m)
         # hashing past the listing's block count cannot match: stop there
-        keys = block_keys(m.namespace, tokens[: block_size * len(listed)], block_size)
-        run = prefix_length([key in listed for key in keys])
+        keys = block_keys(m.namespace, tokens[: block_size * len(listing.blocks)], block_size)
+        run = prefix_length([key in listing.blocks for key in keys])
         if run and (best is None or run > best.run):
-            best = ListingMatch(view, keys[:run])
+            best = ListingMatch(listing, keys[:run])
     return best
+
+
+def leading_runs(present: Sequence[bool], own: int) -> tuple[int, int]:
+    """The stored leading runs of the one batched exists: of the reader's own chain (its first
+    `own` answers) and of the listing's (the rest)."""
+    return prefix_length(present[:own]), prefix_length(present[own:])
+
+
+def as_listed(record: bytes, payload: bytes | memoryview, digest: bytes) -> bool:
+    """Whether a listing's record hashes to its manifest digest (b"": not in the manifest)."""
+    return bool(digest) and mk.record_digest(record, payload) == digest
 
 
 def prompt_entry(prompt_tokens: int, cached_tokens: int, listing: str = "") -> pb.MeterEntry:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
 import threading
 import time
 from collections import Counter
@@ -27,12 +26,15 @@ from transformers import DynamicCache
 from kvclient.market import ListingView, Market
 from kvproto import market as mk
 from kvproto.keys import record_key
-from kvproto.record import prefix_length
 
 from .blocks import PrefixPlan, export_segment, plan_prefix
 from .codec import HEADER_SIZE, RecordError, parse_header, raw_payload
 from .listing_match import (
+    ListingIndex,
+    ListingSource,
+    as_listed,
     best_listing,
+    leading_runs,
     prompt_entry,
     rejected_entries,
     trusted_listings,
@@ -101,18 +103,18 @@ class ListingStore:
     every record is checked against the manifest's SHA-256 before the sink sees it, writes are
     dropped (the publisher's chain is not the reader's to extend)."""
 
-    def __init__(self, client, view: ListingView) -> None:
+    def __init__(self, client, view: ListingView, listing: ListingIndex | None = None) -> None:
         self.client = client
         self.view = view
-        self.load_id = secrets.token_bytes(mk.LOAD_ID_BYTES)
-        self.digests = {key: (i, digest) for i, (key, digest, _) in enumerate(view.manifest.records)}
+        self.listing = listing if listing is not None else ListingIndex.of(view)
+        self.source = ListingSource.of(view.manifest)  # one load id for the request
         self.rejected: list[int] = []  # manifest indices of records provenance refused
         self.hashed_bytes = 0
         self.hash_seconds = 0.0
         self._lock = threading.Lock()
 
     def _key(self, key: bytes) -> bytes:
-        return mk.listing_key(key, self.view.manifest.tag, self.load_id)
+        return self.source.key(key)
 
     def exists(self, keys) -> list[bool]:
         keys = [keys] if isinstance(keys, bytes) else list(keys)
@@ -123,20 +125,20 @@ class ListingStore:
         bad: set[int] = set()
 
         def checked(batch) -> None:
-            good = []
+            good, refused, hashed = [], [], 0
             started = time.perf_counter()
             for item in batch:
                 i, view = item[0], item[1]
-                known = self.digests.get(keys[i])
-                if known is not None and mk.record_digest(keys[i], view) == known[1]:
+                index, digest = self.listing.listed(keys[i])
+                hashed += len(view)
+                if as_listed(keys[i], view, digest):
                     good.append(item)
                 else:
                     bad.add(i)
-                    with self._lock:
-                        self.rejected.append(known[0] if known else -1)
-                with self._lock:
-                    self.hashed_bytes += len(view)
+                    refused.append(index)
             with self._lock:
+                self.rejected += refused
+                self.hashed_bytes += hashed
                 self.hash_seconds += time.perf_counter() - started
             if good:
                 sink(good)
@@ -170,34 +172,32 @@ class ListingReader:
     refresh_seconds: float = 30.0
     report: bool = True
     stats: Counter = field(default_factory=Counter)
-    _views: list[ListingView] = field(default_factory=list)
+    _listings: list[ListingIndex] = field(default_factory=list)
     _at: float = -1e18
 
     def __post_init__(self) -> None:
         self.market = Market(self.client)
 
-    def refresh(self, force: bool = False) -> list[ListingView]:
+    def refresh(self, force: bool = False) -> list[ListingIndex]:
         if force or time.monotonic() - self._at > self.refresh_seconds:
-            self._views = trusted_listings(self.market.listings(), self.trust, self.stats)
+            self._listings = trusted_listings(self.market.listings(), self.trust, self.stats)
             self._at = time.monotonic()
-        return self._views
+        return self._listings
 
     def route(self, tokens: list[int], own: PrefixPlan, generator) -> tuple[PrefixPlan, object]:
         """(plan, store) for this prompt: the listing's when it has the longer stored prefix."""
         match = best_listing(self.refresh(), tokens, generator.fingerprint, own.block_size)
         if match is None:
             return own, self.client
-        run, view = match.run, match.view
-        plan = plan_prefix(view.manifest.namespace, tokens, own.block_size)
-        store = ListingStore(self.client, view)
+        view = match.listing.view
+        store = ListingStore(self.client, view, match.listing)
         own_keys = [record_key(key, 0) for key, _, _ in own.segments()]
-        listing_keys = [store._key(record_key(key, 0)) for key, _, _ in plan.segments()[:run]]
-        present = self.client.exists(own_keys + listing_keys)  # the one extra batched lookup
-        own_run, listed_run = prefix_length(present[: len(own_keys)]), prefix_length(present[len(own_keys):])
+        present = self.client.exists(own_keys + store.source.probe(match.block_keys))  # the one extra lookup
+        own_run, listed_run = leading_runs(present, len(own_keys))
         if listed_run * own.block_size <= sum(c for _, _, c in own.segments()[:own_run]):
             return own, self.client
         self.stats["listing_routes"] += 1
-        return plan, store
+        return plan_prefix(view.manifest.namespace, tokens, own.block_size), store
 
     def settled(self, store, result) -> None:
         """After a request: report its prompt (token hit ratio) and any record provenance refused."""
@@ -210,7 +210,7 @@ class ListingReader:
         listing = store.view.manifest.listing if isinstance(store, ListingStore) else ""
         entries = [prompt_entry(result.prompt_tokens, result.cached_tokens, listing)]
         if isinstance(store, ListingStore):
-            entries += rejected_entries(listing, store.load_id, store.rejected)
+            entries += rejected_entries(listing, store.source.load_id, store.rejected)
         try:
             self.market.report(entries)
         except Exception as exc:  # noqa: BLE001 - a lost report costs a statistic, never an answer

@@ -11,7 +11,8 @@ prefix cache off so every request shows what the store gave) asks the same promp
 - after alpha replaced block 1's layer-0 record (a valid store checksum, another SHA-256):
   block 0 loads, blocks 1-2 are a ``provenance`` miss and recomputed, the output still equals
   the reference, and the node credits the rejected record.
-The settings' bad values fail in one line, without an engine.
+The settings' bad values fail in one line, and the route's matching and provenance are checked
+on a signed manifest, both without an engine.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from inference.listing_match import ListingSource, as_listed, best_listing, leading_runs, trusted_listings
 from inference.listings import public_key_hex
 from inference.models import tiny_qwen3_dir
 from inference.vllm import kv_transfer_config
 from inference.vllm.config import ConfigError, ConnectorConfig, request_namespace
-from inference.vllm.listings import publish_stored
+from inference.vllm.listings import ListingRoute, publish_stored
 from kvclient import Client
-from kvclient.market import Market
+from kvclient.market import ListingView, Market
+from kvproto import market as mk
 from kvproto.keys import block_keys, record_key
 from tests.conftest import NodeProcess
 from tests.market_fixtures import TOKENS, tokens_text
@@ -195,3 +198,26 @@ def test_listing_settings(tmp_path):
     assert config.trust == (("alpha", bytes.fromhex("ab" * 32)),) and config.listings_refresh_seconds == 0.0
     plain = ConnectorConfig.from_extra({"nodes": ["a:1"]}, 16)
     assert (plain.listings, plain.trust, plain.listings_refresh_seconds) == (False, (), 30.0)
+
+
+def test_a_route_matches_the_prompt_and_carries_each_records_digest():
+    """Pure: what the scheduler gets of a signed two-block listing, and what the worker checks."""
+    key, ns, doc = Ed25519PrivateKey.generate(), bytes(range(32)), tokens(32, 43)
+    names = [record_key(k, layer) for k in block_keys(ns, doc, 16) for layer in range(2)]
+    records = [(name, mk.record_digest(name, b"kv of " + name), 16) for name in names]
+    raw = mk.build_manifest(listing="doc", publisher="alpha", fingerprint="ab" * 32, namespace=ns, block_size=16,
+                            layers=2, token_ids=doc, records=records, price_per_1k_loaded=0.5)
+    view = ListingView(mk.parse_manifest(raw), *mk.sign(key, raw), "ok", [], 1, 0)
+    assert trusted_listings([view], {"alpha": bytes(32)}) == []  # not the key the trust file names
+    listings = trusted_listings([view], {"alpha": view.public_key})
+    assert best_listing(listings, doc, "cd" * 32, 16) is None  # another model
+    match = best_listing(listings, doc[:16] + tokens(24, 44), "ab" * 32, 16)
+    assert match.run == 1 and match.block_keys == block_keys(ns, doc, 16)[:1]
+    match = best_listing(listings, doc + tokens(8, 44), "ab" * 32, 16)
+    route = ListingRoute(ListingSource.of(view.manifest), match.block_keys, match.listing)
+    assert route.provenance(1) == ((2, records[2][1]), (3, records[3][1]))
+    assert [mk.split_listing_key(k)[:2] for k in route.source.probe(route.keys)] == [
+        (names[0], view.manifest.tag), (names[2], view.manifest.tag)]
+    assert as_listed(names[3], b"kv of " + names[3], records[3][1])
+    assert not as_listed(names[3], b"kv of another", records[3][1]) and not as_listed(names[3], b"", b"")
+    assert leading_runs([True, False, True, True], 2) == (1, 2)

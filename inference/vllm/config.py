@@ -57,10 +57,7 @@ class ConnectorConfig:
             raise ConfigError(f"{PREFIX}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KNOWN))})")
         nodes: tuple[str, ...] | str
         if "cluster_file" in extra:
-            path = _string(extra, "cluster_file")
-            if not os.path.isfile(path):
-                raise ConfigError(f"{PREFIX}.cluster_file: {path} does not exist")
-            nodes = path
+            nodes = _file(extra, "cluster_file")
         else:
             raw = extra.get("nodes", os.environ.get(NODES_ENV))
             if raw is None:
@@ -201,20 +198,25 @@ def _trust(extra: dict, listings: bool) -> tuple[tuple[str, bytes], ...]:
             raise ConfigError(f"{PREFIX}.trust_file: required when listings is on (a file of 'TENANT HEXKEY' "
                               "lines: the publishers whose signed listings this engine may load)")
         return ()
-    path = _string(extra, "trust_file")
     if not listings:
         raise ConfigError(f"{PREFIX}.trust_file: set listings to true to use it")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{PREFIX}.trust_file: {path} does not exist")
+    path = _file(extra, "trust_file")
     from ..listings import load_trust
 
     try:
         trust = load_trust(path)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise ConfigError(f"{PREFIX}.trust_file: {exc}") from None
     if not trust:
         raise ConfigError(f"{PREFIX}.trust_file: {path} names no publisher")
     return tuple(sorted(trust.items()))
+
+
+def _file(extra: dict, key: str) -> str:
+    path = _string(extra, key)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{PREFIX}.{key}: {path} does not exist")
+    return path
 
 
 def _string(extra: dict, key: str, default: str | None = None) -> str:

@@ -4,10 +4,11 @@ Reading (``listings: true``): ``ListingRouter`` keeps the listings the engine's 
 (``Listings``, refreshed every ``listings_refresh_seconds``, each signature checked against the
 trust file) and gives the scheduler, for a prompt, the listing naming most of its leading
 blocks (pure hashing, ``inference.listing_match``) as a ``ListingRoute``: the document's block
-keys in the publisher's namespace, one load id for the request (its retries and hedges reuse
-it, so the node meters each record once) and the manifest's SHA-256 of every record, which the
-worker checks before a byte reaches vLLM's blocks. The scheduler folds the route's layer-0
-listing keys into its one batched ``exists``. After a request, its prompt length and loaded
+keys in the publisher's namespace, a ``ListingSource`` (one load id for the request: its retries
+and hedges reuse it, so the node meters each record once) and, for each block the scheduler
+plans to load, the manifest's SHA-256 of its records, which the worker checks before a byte
+reaches vLLM's blocks. The scheduler folds the route's layer-0 listing keys into its one
+batched ``exists``. After a request, its prompt length and loaded
 tokens are reported to the node (the token hit ratio) off the scheduler's thread.
 
 Publishing: ``publish_stored`` signs and lists the blocks an engine stored of a document.
@@ -16,48 +17,33 @@ Publishing: ``publish_stored`` signs and lists the blocks an engine stored of a 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kvclient.market import ListingView, Market
+from kvclient.market import Market
 from kvproto import market as mk
 from kvproto.errors import KVCacheError
 from kvproto.keys import block_keys, record_key
 
-from ..listing_match import best_listing, prompt_entry, trusted_listings
+from ..listing_match import ListingIndex, ListingSource, best_listing, prompt_entry, trusted_listings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ListingSource:
-    """Where a listing-routed load reads: plain data, pickled from the scheduler to the worker."""
-
-    listing: str  # the listing id (for the worker's reports)
-    tag: bytes  # kvproto.market.listing_tag(listing)
-    load_id: bytes  # one per request
-
-    def key(self, record: bytes) -> bytes:
-        return mk.listing_key(record, self.tag, self.load_id)
-
-
-@dataclass
 class ListingRoute:
     source: ListingSource
     keys: list[bytes]  # the prompt's leading block keys in the publisher's namespace
-    digests: list[tuple[bytes, ...]]  # per block, per layer: the manifest's SHA-256 (b"": not listed)
-    records: list[tuple[int, ...]]  # per block, per layer: the manifest index (-1: not listed)
+    listing: ListingIndex
 
-    def probe(self) -> list[bytes]:
-        """The layer-0 listing keys of the route's blocks (for the one batched exists)."""
-        return [self.source.key(record_key(key, 0)) for key in self.keys]
-
-    def cut(self, blocks: int) -> ListingRoute:
-        return ListingRoute(self.source, self.keys[:blocks], self.digests[:blocks], self.records[:blocks])
+    def provenance(self, block: int) -> tuple[tuple[int, bytes], ...]:
+        """Per layer, (manifest index, SHA-256) of the block's records: what the worker checks
+        ((-1, b""): a layer the manifest does not list)."""
+        key, layers = self.keys[block], self.listing.view.manifest.layers
+        return tuple(self.listing.listed(record_key(key, layer)) for layer in range(layers))
 
 
 class ListingRouter:
@@ -66,21 +52,21 @@ class ListingRouter:
         self.client, self.trust, self.refresh_seconds = client, trust, refresh_seconds
         self.fingerprint, self.block_size = fingerprint, block_size
         self.market = Market(client)
-        self._views: list[ListingView] = []
+        self._listings: list[ListingIndex] = []
         self._at = -float("inf")
         self._reports: list = []
         self._sending = False
         self._lock = threading.Lock()
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-report")
 
-    def refresh(self) -> list[ListingView]:
+    def refresh(self) -> list[ListingIndex]:
         if time.monotonic() - self._at > self.refresh_seconds:
             try:
-                self._views = trusted_listings(self.market.listings(), self.trust)
+                self._listings = trusted_listings(self.market.listings(), self.trust)
             except KVCacheError as exc:  # no node answered: keep what was known
                 log.warning("kvstore listings not refreshed: %s", exc)
             self._at = time.monotonic()
-        return self._views
+        return self._listings
 
     def route(self, tokens: Sequence[int], blocks: int) -> ListingRoute | None:
         """The listing naming most of the first `blocks` blocks of `tokens`, or None."""
@@ -90,13 +76,7 @@ class ListingRouter:
                              self.block_size)
         if match is None:
             return None
-        m = match.view.manifest
-        index = m.index_of()
-        records = [tuple(index.get(record_key(key, layer), -1) for layer in range(m.layers))
-                   for key in match.block_keys]
-        digests = [tuple(m.records[i][1] if i >= 0 else b"" for i in block) for block in records]
-        source = ListingSource(m.listing, m.tag, secrets.token_bytes(mk.LOAD_ID_BYTES))
-        return ListingRoute(source, match.block_keys, digests, records)
+        return ListingRoute(ListingSource.of(match.listing.view.manifest), match.block_keys, match.listing)
 
     def report(self, prompt_tokens: int, cached_tokens: int, listing: str) -> None:
         """Queue a request's prompt entry; one thread sends what queued meanwhile in one Report."""

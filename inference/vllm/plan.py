@@ -26,10 +26,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from kvproto.errors import KVCacheError
 from kvproto.keys import block_keys, record_key
-from kvproto.record import prefix_length
 
+from ..listing_match import ListingSource, leading_runs
 from .config import ConnectorConfig, request_namespace
-from .listings import ListingRoute, ListingRouter, ListingSource
+from .listings import ListingRoute, ListingRouter
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ class BlockTransfer:
     block_ids: list[int]  # the vLLM blocks that hold its tokens, in order
     skip: int = 0  # leading vLLM blocks a load leaves alone (vLLM computed them itself)
     source: ListingSource | None = None  # a listing's block: `key` is in the publisher's namespace
-    digests: tuple[bytes, ...] = ()  # per layer, the manifest's SHA-256 of the record (listing loads)
-    records: tuple[int, ...] = ()  # per layer, the record's manifest index (for rejection reports)
+    listed: tuple[tuple[int, bytes], ...] = ()  # per layer, the record's manifest index and SHA-256
 
 
 @dataclass
@@ -110,17 +109,15 @@ class SchedulerSide:
         own = [record_key(key, 0) for key in state.keys]
         route = self.router.route(tokens, state.loadable) if self.router is not None else None
         try:  # one batched lookup: the own chain, and the best listing's keys if one matched
-            present = self.client.exists(own + (route.probe() if route is not None else []))
+            present = self.client.exists(own + (route.source.probe(route.keys) if route is not None else []))
         except KVCacheError as exc:
             log.warning("kvstore lookup failed, computing the prompt: %s", exc)
             self.stats["miss_tokens:store_error"] += state.loadable * self.block
             return 0
-        stored = prefix_length(present[: len(own)])
-        if route is not None:
-            listed = prefix_length(present[len(own):])
-            if listed > min(stored, state.loadable):
-                state.route, stored = route.cut(listed), listed
-                self.stats["listing_routes"] += 1
+        stored, listed = leading_runs(present, len(own))
+        if listed > min(stored, state.loadable):  # (no route: listed is 0)
+            state.route, stored = route, listed
+            self.stats["listing_routes"] += 1
         usable = min(stored, state.loadable)
         self.stats["lookup_hit_tokens"] += usable * self.block
         if usable < state.loadable:
@@ -167,8 +164,7 @@ class SchedulerSide:
                 skip = max(0, start - j * self.block) // self.vllm_block
                 route = state.route
                 transfer.loads.append(BlockTransfer(state.keys[j], ids, skip) if route is None else
-                                      BlockTransfer(route.keys[j], ids, skip, route.source, route.digests[j],
-                                                    route.records[j]))
+                                      BlockTransfer(route.keys[j], ids, skip, route.source, route.provenance(j)))
         if self.config.save and state.route is None:
             done = min(computed_after // self.block, len(state.keys))
             while state.saved < done:

@@ -1,10 +1,10 @@
 """The worker side of the connector: store records ⇄ vLLM's paged KV tensors.
 
-Loads: ``start_load_kv`` (before the forward that needs them) starts one thread that reads the
-step's blocks layer by layer, one ``read_into`` per few layers for every request (views of a
-co-located node's LMDB map, or records off gRPC, checked by their digest either way), checks
-each record's header and copies it straight into its vLLM blocks (strided copies in the layout
-read off the backend); ``wait_for_layer_load``
+Loads: ``start_load_kv`` (before the forward that needs them) starts one thread
+(``loads.LoadJob``) that reads the step's blocks layer by layer, one ``read_into`` per few
+layers for every request (views of a co-located node's LMDB map, or records off gRPC, checked by
+their digest either way), checks each record's header and copies it straight into its vLLM
+blocks (strided copies in the layout read off the backend); ``wait_for_layer_load``
 holds layer L's attention until layer L's records are in. A record that is missing, corrupt or of
 the wrong dtype, shape or layer, or a store that does not answer, fails its store block: that
 block's and every later block's vLLM blocks are reported by ``get_block_ids_with_load_errors``
@@ -33,19 +33,16 @@ from typing import Any
 import torch
 
 from kvclient.market import Market
-from kvproto import market as mk
 from kvproto.errors import KVCacheError
 from kvproto.keys import record_key
 
-from ..codec import RecordError, encode, fitting_payload
+from ..codec import encode
 from ..listing_match import rejected_entries
 from .layout import PagedLayout
-from .plan import RequestTransfer, StoreConnectorMetadata
+from .loads import LoadJob
+from .plan import StoreConnectorMetadata
 
 log = logging.getLogger(__name__)
-# layers are read in groups of at least this many records: per-read costs stay small at short
-# prefixes, and long ones still arrive a layer or two at a time beside the forward
-MIN_RECORDS_PER_READ = 48
 
 
 def _layer_index(name: str) -> int:
@@ -66,7 +63,7 @@ class WorkerSide:
         self.caches: list[torch.Tensor] = []
         self.layout: PagedLayout | None = None
         self.failed_block_ids: set[int] = set()
-        self.job: _LoadJob | None = None
+        self.job: LoadJob | None = None
         self.pending: dict[tuple[str, bytes], list[torch.Tensor | None]] = {}
         self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-save")
         self.stats: Counter = Counter()
@@ -104,10 +101,8 @@ class WorkerSide:
             return
         self._layout()  # probe (once) on this thread, before any copy runs beside the forward
         self.finish_loads()
-        job = _LoadJob(work, len(self.caches))
-        self.job = job
-        job.thread = threading.Thread(target=self._run, args=(job,), name="kvstore-load", daemon=True)
-        job.thread.start()
+        self.job = LoadJob(work, self)
+        self.job.thread.start()
 
     def wait_layer(self, name: str) -> None:
         job, layer = self.job, self.index.get(name)
@@ -138,85 +133,13 @@ class WorkerSide:
         if job.rejected:
             self.saver.submit(self._report_rejected, job.rejected)
 
-    def _run(self, job: "_LoadJob") -> None:
-        started = time.perf_counter()
-        n_layers = len(self.caches)
-        records = sum(len(t.loads) for t in job.work)  # per layer
-        group = max(1, min(n_layers, -(-MIN_RECORDS_PER_READ // records)))  # layers per read_into
-        try:
-            for first in range(0, n_layers, group):
-                layers = range(first, min(first + group, n_layers))
-                try:
-                    self._load_layers(job, layers)
-                except Exception:  # a bug: the blocks are recomputed, never used
-                    log.exception("kvstore load failed")
-                    for failed, transfer in zip(job.failed, job.work):
-                        failed.update({b: "store_error" for b in range(len(transfer.loads)) if b not in failed})
-                finally:
-                    for layer in layers:
-                        job.done[layer].set()
-        finally:
-            for event in job.done:
-                event.set()
-            job.seconds = time.perf_counter() - started
-
-    def _load_layers(self, job: "_LoadJob", layers: range) -> None:
-        """One read_into for these layers' records of every block still usable (before the
-        request's first failed block: a later one could not be used)."""
-        layout = self.layout
-        usable = [min(failed, default=len(transfer.loads)) for failed, transfer in zip(job.failed, job.work)]
-        wanted = [(t, b, layer) for layer in layers for t in range(len(job.work)) for b in range(usable[t])]
-        if not wanted:
-            return
-        keys = [_read_key(job.work[t].loads[b], layer) for t, b, layer in wanted]
-        shape = (2, self.kv_heads, self.block, self.head_dim)
-        per_record = self.block // self.vllm_block
-        delivered: set[int] = set()
-
-        def sink(batch) -> None:
-            for i, view, _ in batch:
-                t, b, layer = wanted[i]
-                delivered.add(i)
-                if b in job.failed[t]:
-                    continue
-                bt = job.work[t].loads[b]
-                if bt.source is not None and not _as_listed(bt, layer, view):
-                    job.failed[t][b] = "provenance"
-                    job.rejected.append((bt.source, bt.records[layer] if layer < len(bt.records) else -1))
-                    continue
-                try:
-                    _, raw = fitting_payload(view, self.dtype, shape, layer)
-                except RecordError as exc:
-                    job.failed[t][b] = exc.reason
-                    continue
-                layout.scatter_record(self.caches[layer], bt.block_ids[bt.skip:],
-                                      torch.frombuffer(raw, dtype=self.dtype), per_record, bt.skip)
-                job.nbytes += len(view)
-
-        try:
-            self.client.read_into(keys, sink, verify=self.config.verify)
-        except KVCacheError as exc:  # e.g. no replica gave an intact copy: say which below
-            log.warning("kvstore load of layers %d-%d incomplete: %s", layers[0], layers[-1], exc)
-        lacking = [i for i in range(len(keys)) if i not in delivered]
-        if lacking:  # present but failing its digest everywhere (corrupt), or gone, or unreachable
-            try:
-                present = self.client.exists([keys[i] for i in lacking])
-                reasons = ["corrupt" if there else "missing_layer" for there in present]
-            except KVCacheError:
-                reasons = ["store_error"] * len(lacking)
-            for i, reason in zip(lacking, reasons):
-                t, b, _ = wanted[i]
-                job.failed[t].setdefault(b, reason)
-
     def _report_rejected(self, rejected: list) -> None:
-        by_source: dict = {}
-        for source, index in rejected:
-            by_source.setdefault(source, []).append(index)
-        for source, indices in by_source.items():
-            try:
-                Market(self.client).report(rejected_entries(source.listing, source.load_id, indices))
-            except KVCacheError as exc:  # a lost report costs the buyer a credit, never an answer
-                log.warning("kvstore rejection report failed: %s", exc)
+        """One Report of a step's rejected records ((listing source, manifest index) each)."""
+        entries = [e for source, index in rejected for e in rejected_entries(source.listing, source.load_id, [index])]
+        try:
+            Market(self.client).report(entries)
+        except KVCacheError as exc:  # a lost report costs the buyer a credit, never an answer
+            log.warning("kvstore rejection report failed: %s", exc)
 
     def load_errors(self) -> set[int]:
         self.finish_loads()
@@ -287,27 +210,3 @@ class WorkerSide:
             self.saver.shutdown(wait=True)
             if self._client is not None:
                 self._client.close()
-
-
-def _read_key(bt: Any, layer: int) -> bytes:
-    key = record_key(bt.key, layer)
-    return key if bt.source is None else bt.source.key(key)
-
-
-def _as_listed(bt: Any, layer: int, view: memoryview) -> bool:
-    """Whether a listing's record hashes to its manifest digest (SHA-256 of record key ‖ payload)."""
-    digest = bt.digests[layer] if layer < len(bt.digests) else b""
-    return bool(digest) and mk.record_digest(record_key(bt.key, layer), view) == digest
-
-
-class _LoadJob:
-    """One step's loads: the requests' transfers, per-layer completion, failures per request."""
-
-    def __init__(self, work: list[RequestTransfer], n_layers: int) -> None:
-        self.work = work
-        self.done = [threading.Event() for _ in range(n_layers)]
-        self.failed: list[dict[int, str]] = [{} for _ in work]  # per request: store block -> reason
-        self.rejected: list[tuple[Any, int]] = []  # (listing source, manifest index) provenance refused
-        self.thread: threading.Thread | None = None
-        self.nbytes = 0
-        self.seconds = 0.0

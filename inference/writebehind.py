@@ -8,6 +8,7 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvproto.errors import KVCacheError
+from kvproto.pending import Pending
 
 from .blocks import LoadedPrefix, PrefixPlan, export_segment
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 class WriteBehind:
     def _start_write_behind(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
-        self._pending: set[Future] = set()
+        self._pending = Pending()
         self._inflight: set[bytes] = set()  # segment keys queued for publishing
 
     def _publish_new(self, plan: PrefixPlan, prefix: LoadedPrefix, cache) -> Future | None:
@@ -30,11 +31,7 @@ class WriteBehind:
             self._inflight.update(s[0] for s in segments)
         if not segments:
             return None
-        future = self._pool.submit(self._store_segments, cache, segments)
-        with self._stats_lock:
-            self._pending.add(future)
-        future.add_done_callback(self._forget)
-        return future
+        return self._pending.track(self._pool.submit(self._store_segments, cache, segments))
 
     def _store_segments(self, cache, segments: list[tuple[bytes, int, int]]) -> int:
         """The loader's lookup found these absent: they are written without asking again (a
@@ -60,16 +57,9 @@ class WriteBehind:
                 self.stats["published_segments"] += stored
         return stored
 
-    def _forget(self, future: Future) -> None:
-        with self._stats_lock:
-            self._pending.discard(future)
-
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued publish has been stored (or has failed and been counted)."""
-        with self._stats_lock:
-            pending = list(self._pending)
-        for future in pending:
-            future.result(timeout)
+        self._pending.flush(timeout)
 
     def close(self) -> None:
         """Wait for the publishes under way, then stop the publishing thread."""

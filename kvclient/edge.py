@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from kvproto.errors import KVCacheError
+from kvproto.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class EdgeTier:
         self.skipped = 0
         self._pending = 0
         self._lock = threading.Lock()
-        self._futures: set[Future] = set()
+        self._futures = Pending()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvclient-edge")
 
     @property
@@ -71,10 +72,7 @@ class EdgeTier:
                 self.skipped += len(items)
                 return
             self._pending += size
-        future = self._pool.submit(self._put, node, items, size)
-        with self._lock:
-            self._futures.add(future)
-        future.add_done_callback(self._done)
+        self._futures.track(self._pool.submit(self._put, node, items, size))
 
     def _put(self, node: str, items: list[tuple[bytes, bytes]], size: int) -> None:
         try:
@@ -87,15 +85,8 @@ class EdgeTier:
             with self._lock:
                 self._pending -= size
 
-    def _done(self, future: Future) -> None:
-        with self._lock:
-            self._futures.discard(future)
-
     def flush(self, timeout: float | None = None) -> None:
-        with self._lock:
-            pending = list(self._futures)
-        for future in pending:
-            future.result(timeout)
+        self._futures.flush(timeout)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from kvproto import record
 from kvproto.errors import KVCacheError, Unavailable
-
+from kvproto.pending import Pending
 from kvproto.store import Sink
 
 from .durable_hints import leave_hints
@@ -71,7 +71,7 @@ class ReplicaSet:
         self._lock = threading.Lock()
         self.repairs = 0
         self.hedged = 0  # reads sent to a further replica because the first was silent
-        self._repairing: set = set()  # read-repair futures not done yet (flush waits for them)
+        self._repairing = Pending()  # read repairs not done yet (flush waits for them)
         self.hints = HintQueue(self._deliver_hint, deliver_delete=self._deliver_delete,
                                on_deleted=self._drop_tombstones)
 
@@ -300,21 +300,11 @@ class ReplicaSet:
                 owed[node].append((keys[i], value))
         for node, items in owed.items():
             self.repairs += len(items)
-            future = self._submit(node, self._repair_one, node, items)
-            with self._lock:
-                self._repairing.add(future)
-            future.add_done_callback(self._repaired)
-
-    def _repaired(self, future) -> None:
-        with self._lock:
-            self._repairing.discard(future)
+            self._repairing.track(self._submit(node, self._repair_one, node, items))
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for the read repairs started so far (each is written or handed to the hints)."""
-        with self._lock:
-            pending = list(self._repairing)
-        for future in pending:
-            future.result(timeout)
+        self._repairing.flush(timeout)
 
     def _repair_one(self, node: str, items: list[tuple[bytes, bytes]]) -> None:
         """Write back what `node` lacked, except keys it holds a tombstone of (deleted there:

@@ -143,3 +143,17 @@ def rejected_entries(listing: str, load_id: bytes, indices: Iterable[int]) -> li
     one only if the stored record really differs from its manifest digest)."""
     return [pb.MeterEntry(id=mk.meter_id(b"rejected", load_id, bytes([i % 256, i // 256])), kind="rejected",
                           listing=listing, records=i) for i in indices if i >= 0]
+
+
+def stored_manifest(client, records: Sequence[tuple[bytes, int]], **fields) -> bytes:
+    """The manifest over records a publisher stored ((record key, tokens) each, read back and
+    hashed: SHA-256 of key ‖ payload); `fields` are ``kvproto.market.build_manifest``'s others.
+    ValueError if a record is not stored."""
+    names = [key for key, _ in records]
+    values = client.get_many(names)
+    missing = sum(v is None for v in values)
+    if missing:
+        raise ValueError(f"{missing} of {len(names)} records of the document are not stored: generate it first")
+    digests = [(key, mk.record_digest(key, value), tokens) for (key, tokens), value in zip(records, values)]
+    return mk.build_manifest(records=digests, **fields)
+

@@ -37,6 +37,7 @@ from .listing_match import (
     leading_runs,
     prompt_entry,
     rejected_entries,
+    stored_manifest,
     trusted_listings,
 )
 
@@ -84,18 +85,11 @@ def document_manifest(generator, client, tokens: list[int], listing: str, publis
     (what `kvctl publish MANIFEST` takes)."""
     plan = generator.plan(tokens)
     layers = generator.layout.num_layers
-    keys = [record_key(key, layer) for key, _, _ in plan.segments() for layer in range(layers)]
-    counts = [count for _, _, count in plan.segments() for _ in range(layers)]
-    values = client.get_many(keys)
-    if any(v is None for v in values):
-        missing = sum(v is None for v in values)
-        raise ValueError(f"{missing} of {len(keys)} records of the document are not stored: generate it first")
-    records = [(k, mk.record_digest(k, v), n) for k, v, n in zip(keys, values, counts)]
-    raw = mk.build_manifest(listing=listing, publisher=publisher, fingerprint=generator.fingerprint,
-                            namespace=generator.namespace, block_size=generator.block_size, layers=layers,
-                            token_ids=tokens, records=records, price_per_1k_loaded=price_per_1k_loaded,
-                            price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
-    return raw
+    records = [(record_key(key, layer), count) for key, _, count in plan.segments() for layer in range(layers)]
+    return stored_manifest(client, records, listing=listing, publisher=publisher, fingerprint=generator.fingerprint,
+                           namespace=generator.namespace, block_size=generator.block_size, layers=layers,
+                           token_ids=tokens, price_per_1k_loaded=price_per_1k_loaded,
+                           price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
 
 
 class ListingStore:

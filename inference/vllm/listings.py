@@ -28,7 +28,7 @@ from kvproto import market as mk
 from kvproto.errors import KVCacheError
 from kvproto.keys import block_keys, record_key
 
-from ..listing_match import ListingIndex, ListingSource, best_listing, prompt_entry, trusted_listings
+from ..listing_match import ListingIndex, ListingSource, best_listing, prompt_entry, stored_manifest, trusted_listings
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,10 @@ def publish_stored(client, *, namespace: bytes, fingerprint: str, tokens: Sequen
     keys = block_keys(namespace, tokens, block_size)
     if not keys:
         raise ValueError(f"the document has no full block of {block_size} tokens")
-    names = [record_key(key, layer) for key in keys for layer in range(layers)]
-    values = client.get_many(names)
-    missing = sum(v is None for v in values)
-    if missing:
-        raise ValueError(f"{missing} of {len(names)} records of the document are not stored: generate it first")
-    records = [(name, mk.record_digest(name, value), block_size) for name, value in zip(names, values)]
-    raw = mk.build_manifest(listing=listing, publisher=publisher, fingerprint=fingerprint, namespace=namespace,
-                            block_size=block_size, layers=layers, token_ids=list(tokens[: len(keys) * block_size]),
-                            records=records, price_per_1k_loaded=price_per_1k_loaded,
-                            price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
+    records = [(record_key(key, layer), block_size) for key in keys for layer in range(layers)]
+    raw = stored_manifest(client, records, listing=listing, publisher=publisher, fingerprint=fingerprint,
+                          namespace=namespace, block_size=block_size, layers=layers,
+                          token_ids=list(tokens[: len(keys) * block_size]), price_per_1k_loaded=price_per_1k_loaded,
+                          price_per_1m_token_hours=price_per_1m_token_hours, visibility=visibility)
     Market(client).publish(raw, private_key)
     return mk.parse_manifest(raw)

@@ -10,9 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvclient.node import Credentials, NodeConnection, _chunks
+from kvclient.node import Credentials, NodeConnection
 from kvproto import record
 from kvproto.errors import QuotaExceeded
+from kvproto.framing import put_messages
 from kvproto.pb import SERVICE_NAME, kvcache_pb2 as pb
 
 TOKEN_A = "token-of-the-hog-0123456789abcdef"
@@ -179,7 +180,7 @@ def test_a_spooled_put_is_all_or_nothing(make_node):
         conn.put(items, timeout=30)
         assert [v for _, v, _ in conn.get([k for k, _ in items], 10.0)] == [v for _, v in items]
         key, value = b"z" * 34, os.urandom(12 * MiB)
-        msgs = list(_chunks(key, value, record.digest(key, value)))
+        msgs = list(put_messages(key, value, record.digest(key, value)))
         put = conn.channel.stream_unary(f"/{SERVICE_NAME}/Put", None, pb.PutResponse.FromString)
         with pytest.raises(grpc.RpcError) as err:
             put(iter(msgs[:-1]), timeout=10)  # the last chunk never comes
